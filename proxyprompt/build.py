@@ -1,0 +1,123 @@
+"""The one place where backbones, presets and their hyper-parameters live."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from .backbones import Backbone, build_litemedsam, build_sam, build_sam2_backbone, build_sam_tiny
+from .checkpoint import load_ppg
+from .lora import add_lora, freeze_base
+from .modeling.bridge import BridgeUnit
+from .modeling.colorization import ContextualColorization, PooledContext
+from .modeling.generator import ProxyPromptGenerator
+from .modeling.proxy_sam import ProxyPromptSAM
+from .modeling.selective_map import MeanContext, SelectiveMap
+from .modeling.vision_mamba import VisionMambaEncoder
+
+
+@dataclass(frozen=True)
+class Preset:
+    """PPG and LoRA settings.
+
+    grid: side of the token grid the PPG works on; None = the backbone's feature grid (64 for SAM / LiteMedSAM).
+    vim_coarsen: Vim patch = input / (grid / vim_coarsen); > 1 scans fewer tokens and upsamples V to the grid.
+    selector: "selective" (Eq. 6-7) or "mean" (ablation: without CSM selection).
+    colorizer: "ccm" (Eq. 8-11) or "pooled" (ablation: without CCM).
+    lora_sites: where LoRA goes, among ("encoder", "decoder").
+    """
+
+    grid: int | None = None
+    vim_dim: int = 192
+    vim_depth: int = 24
+    vim_coarsen: int = 1
+    ccm_depth: int = 4
+    ccm_heads: int = 8
+    ccm_ffn: int = 1024
+    selector: str = "selective"
+    colorizer: str = "ccm"
+    lora_rank: int = 4
+    lora_sites: tuple[str, ...] = ("encoder", "decoder")
+
+
+PRESETS: dict[str, Preset] = {
+    # The paper: Vim-Tiny (depth 24, C_v = 192, patch onto the full feature grid), LoRA on encoder and decoder. GPU.
+    "paper": Preset(),
+    # CPU: the PPG on a 16x16 grid with a 4-block Vim; the encoder stays frozen so its features can be cached.
+    "cpu": Preset(grid=16, vim_depth=4, lora_sites=("decoder",)),
+    # Toy sizes for tests, on the tiny backbones.
+    "tiny": Preset(vim_dim=16, vim_depth=1, ccm_heads=2, ccm_ffn=32, lora_rank=2, lora_sites=("encoder", "decoder")),
+}
+
+BACKBONES: dict[str, Callable[..., Backbone]] = {
+    "litemedsam": lambda checkpoint, pretrained, **kw: build_litemedsam(checkpoint, pretrained),
+    "sam_vit_b": lambda checkpoint, pretrained, **kw: build_sam("vit_b", checkpoint, pretrained),
+    "sam_vit_l": lambda checkpoint, pretrained, **kw: build_sam("vit_l", checkpoint, pretrained),
+    "sam_vit_h": lambda checkpoint, pretrained, **kw: build_sam("vit_h", checkpoint, pretrained),
+    "sam2": lambda checkpoint, pretrained, **kw: build_sam2_backbone(checkpoint, pretrained=pretrained, **kw),
+    "sam_tiny": lambda checkpoint, pretrained, **kw: build_sam_tiny(**kw),
+}
+
+
+def build_generator(preset: Preset, backbone: Backbone) -> ProxyPromptGenerator:
+    grid = preset.grid or backbone.feat_size
+    if grid > backbone.feat_size or backbone.feat_size % grid:
+        raise ValueError(f"PPG grid {grid} must divide the backbone's feature grid {backbone.feat_size}")
+    if preset.selector not in ("selective", "mean"):
+        raise ValueError(f"selector must be 'selective' or 'mean', got {preset.selector!r}")
+    if preset.colorizer not in ("ccm", "pooled"):
+        raise ValueError(f"colorizer must be 'ccm' or 'pooled', got {preset.colorizer!r}")
+    c = backbone.embed_dim
+    return ProxyPromptGenerator(
+        context_encoder=VisionMambaEncoder(
+            img_size=backbone.img_size,
+            grid=grid,
+            patch=backbone.img_size * preset.vim_coarsen // grid,
+            dim=preset.vim_dim,
+            depth=preset.vim_depth,
+        ),
+        bridge=BridgeUnit(c, preset.vim_dim),
+        selector=SelectiveMap() if preset.selector == "selective" else MeanContext(),
+        colorizer=(
+            ContextualColorization(c, depth=preset.ccm_depth, heads=preset.ccm_heads, ffn_dim=preset.ccm_ffn)
+            if preset.colorizer == "ccm"
+            else PooledContext()
+        ),
+        grid=grid,
+    )
+
+
+def build_model(
+    backbone: str = "litemedsam",
+    preset: str = "cpu",
+    checkpoint: str | Path | None = None,
+    ppg_checkpoint: str | Path | None = None,
+    *,
+    pretrained: bool = True,
+    backbone_kwargs: dict | None = None,
+    **overrides,
+) -> ProxyPromptSAM:
+    """Build a ProxyPromptSAM.
+
+    Args:
+        backbone: one of `BACKBONES` ("litemedsam" is the default and ships its weights).
+        preset: one of `PRESETS`; ``overrides`` replace single fields (e.g. ``selector="mean"`` for an ablation).
+        checkpoint: the backbone's pretrained weights (SAM / SAM 2; LiteMedSAM's come with its package).
+        ppg_checkpoint: trained PPG + LoRA weights from `save_ppg`.
+        pretrained: False builds the backbone with random weights (tests).
+        backbone_kwargs: passed to the backbone builder (e.g. sam2 ``image_size`` or ``config``).
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {backbone!r}")
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    settings = replace(PRESETS[preset], **overrides)
+    net = BACKBONES[backbone](checkpoint, pretrained, **(backbone_kwargs or {}))
+    add_lora(net, rank=settings.lora_rank, sites=settings.lora_sites)
+    config = {"backbone": backbone, "preset": preset, **asdict(settings), "lora_sites": list(settings.lora_sites)}
+    model = ProxyPromptSAM(backbone=net, generator=build_generator(settings, net), config=config)
+    freeze_base(model)
+    if ppg_checkpoint is not None:
+        load_ppg(model, ppg_checkpoint)
+    return model.eval()

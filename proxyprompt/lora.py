@@ -1,0 +1,43 @@
+"""LoRA adapters (peft) on the backbone's attention, and the one function that decides what trains."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .backbones.base import Backbone
+
+LORA_SITES = ("encoder", "decoder")
+
+
+def add_lora(backbone: Backbone, *, rank: int, sites: tuple[str, ...]) -> None:
+    """Inject peft LoRA layers into the attention projections of the image encoder and/or mask decoder.
+
+    peft initialises LoRA's B to zero, so the adapted backbone computes exactly what the original does until trained.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    unknown = set(sites) - set(LORA_SITES)
+    if unknown:
+        raise ValueError(f"lora sites must be among {LORA_SITES}, got {sorted(unknown)}")
+    if not sites:
+        return
+    if rank < 1:
+        raise ValueError(f"lora_rank must be >= 1, got {rank}")
+    patterns = {"encoder": backbone.encoder_lora_targets, "decoder": backbone.decoder_lora_targets}
+    target = "|".join(f"(?:{patterns[s]})" for s in sites)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=target), backbone)
+
+
+def is_trainable(name: str) -> bool:
+    """PPG and LoRA parameters train; every original backbone weight stays frozen."""
+    return name.startswith("generator.") or ".lora_" in name
+
+
+def freeze_base(model: nn.Module) -> list[str]:
+    """Set requires_grad on exactly the trainable parameters; returns their names."""
+    names = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_trainable(name))
+        if p.requires_grad:
+            names.append(name)
+    return names

@@ -1,0 +1,88 @@
+"""Proxy Prompt Generator (PPG): CSM (Vision Mamba -> Bridge Unit -> Selective map) then CCM (paper Sec. 3, Fig. 3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .bridge import BridgeUnit
+from .vision_mamba import VisionMambaEncoder
+
+
+@dataclass(frozen=True)
+class SupportEmbedding:
+    """What the PPG keeps of a support set; computed once, reused for every target.
+
+    Attributes:
+        keys: (K*H*W, C) frozen-encoder features of the support images on the PPG grid (Selective-map keys).
+        a_agg: (N, K*H*W, C) Bridge-Unit output (Selective-map values).
+    """
+
+    keys: Tensor
+    a_agg: Tensor
+
+    @property
+    def num_objects(self) -> int:
+        return self.a_agg.shape[0]
+
+
+class ProxyPromptGenerator(nn.Module):
+    """Turns a support set and a target's features into N proxy prompts.
+
+    Args:
+        context_encoder: Vision Mamba encoder of concat(image, mask) (first selection step).
+        bridge: Bridge Unit (second selection step).
+        selector: Selective map, or `MeanContext` for the "without CSM selection" ablation (third step).
+        colorizer: CCM, or `PooledContext` for the "without CCM" ablation.
+        grid: side of the token grid the PPG works on.
+    """
+
+    def __init__(
+        self,
+        *,
+        context_encoder: VisionMambaEncoder,
+        bridge: BridgeUnit,
+        selector: nn.Module,
+        colorizer: nn.Module,
+        grid: int,
+    ) -> None:
+        super().__init__()
+        if grid % 4:
+            raise ValueError(f"PPG grid {grid} must be a multiple of 4 (the CCM halves the tokens 4 times)")
+        self.context_encoder, self.bridge = context_encoder, bridge
+        self.selector, self.colorizer = selector, colorizer
+        self.grid = grid
+
+    def encode_support(self, images: Tensor, masks: Tensor, features: Tensor) -> SupportEmbedding:
+        """Encode a support set.
+
+        Args:
+            images: (K, 3, S, S) support images as the backbone's encoder takes them (normalised, padded).
+            masks: (K, N, S, S) binary masks in the same frame.
+            features: (K, C, H, W) frozen-encoder features of ``images`` on the PPG grid.
+        """
+        k, n = masks.shape[:2]
+        pairs = torch.cat([images.unsqueeze(1).expand(-1, n, -1, -1, -1), masks.unsqueeze(2)], dim=2)  # (K,N,4,S,S)
+        v = self.context_encoder(pairs.flatten(0, 1)).unflatten(0, (k, n))  # (K, N, C_v, H, W)
+        a_agg = self.bridge(features, v)  # (N, K*H*W, C)
+        keys = features.permute(0, 2, 3, 1).flatten(0, 2)  # (K, C, H, W) -> (K*H*W, C)
+        return SupportEmbedding(keys=keys, a_agg=a_agg)
+
+    def forward(self, target: Tensor, support: SupportEmbedding) -> Tensor:
+        """Proxy prompts for each object.
+
+        Args:
+            target: (B, C, H, W) frozen-encoder features of the targets on the PPG grid.
+            support: see `encode_support`.
+        Returns:
+            (B, N, T, C) prompt tokens, T = H*W/16.
+        """
+        b, c, h, w = target.shape
+        if c != support.keys.shape[-1]:
+            raise ValueError(f"target features have {c} channels, the support {support.keys.shape[-1]}")
+        f_x = target.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
+        ctx = self.selector(f_x, support.keys, support.a_agg)  # (B, N, HW, C)
+        f_x = f_x.unsqueeze(1).expand(-1, support.num_objects, -1, -1)  # duplicated N times (Sec. 3.2)
+        return self.colorizer(f_x, ctx, (h, w))

@@ -1,0 +1,101 @@
+"""ProxyPromptSAM: a frozen SAM-family backbone prompted by the Proxy Prompt Generator (paper Fig. 3, Eq. 12)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..backbones.base import Backbone, Features
+from .generator import ProxyPromptGenerator, SupportEmbedding
+
+
+class ProxyPromptSAM(nn.Module):
+    """Segments N objects in any number of targets from a support set of K image-mask pairs.
+
+    The proxy prompts P (B, N, T, C) enter the frozen mask decoder as *sparse* prompt tokens, the slot where SAM puts
+    its point and box embeddings; the dense slot gets SAM's own ``no_mask_embed``. Sparse, because P is a set of
+    tokens without a pixel layout (the CCM's projections pool the grid 16-fold), because the decoder's two-way
+    transformer is what reads token prompts (and what the decoder LoRA adapts), and because it is the same slot in
+    SAM, LiteMedSAM and SAM 2's image decoder.
+
+    Args:
+        backbone: frozen SAM-family model (with LoRA adapters where the preset puts them).
+        generator: the PPG.
+        config: the preset's settings, stored with checkpoints.
+    """
+
+    def __init__(self, *, backbone: Backbone, generator: ProxyPromptGenerator, config: dict | None = None) -> None:
+        super().__init__()
+        self.backbone, self.generator = backbone, generator
+        self.config = dict(config or {})
+
+    # --- features ------------------------------------------------------------------------------------------------
+    def encode_images(self, x: Tensor) -> Features:
+        """Backbone features of preprocessed images (B, 3, S, S); no autograd where the encoder has no LoRA."""
+        if any(p.requires_grad for p in self.backbone.model.image_encoder.parameters()):
+            return self.backbone.encode(x)
+        with torch.no_grad():
+            return self.backbone.encode(x)
+
+    def to_grid(self, embed: Tensor) -> Tensor:
+        """(B, C, H, W) encoder features -> (B, C, g, g) on the PPG grid (area pooling where the grid is coarser)."""
+        g = self.generator.grid
+        return embed if embed.shape[-1] == g else F.adaptive_avg_pool2d(embed, g)
+
+    # --- support ---------------------------------------------------------------------------------------------------
+    def encode_support(self, images: Tensor, masks: Tensor) -> SupportEmbedding:
+        """Encode a support set once; `segment` reuses it for every target.
+
+        Args:
+            images: (K, 1 or 3, H, W) as loaded (uint8, or float in any range).
+            masks: (K, N, H, W) in {0, 1}: mask n of pair k outlines object n in image k.
+        """
+        x, m = self.prepare_support(images, masks)
+        return self.encode_prepared_support(x, m, self.encode_images(x))
+
+    def prepare_support(self, images: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+        """Check a support set and bring it into the encoder's frame: (K, 3, S, S) images, (K, N, S, S) masks."""
+        check_support(images, masks)
+        x, geo = self.backbone.preprocess(images)
+        return x, self.backbone.preprocess_masks(masks, geo)
+
+    def encode_prepared_support(self, x: Tensor, masks: Tensor, features: Features) -> SupportEmbedding:
+        """As `encode_support`, from preprocessed inputs and their (possibly cached) backbone features."""
+        return self.generator.encode_support(x, masks, self.to_grid(features.embed))
+
+    # --- targets ---------------------------------------------------------------------------------------------------
+    def segment(self, targets: Tensor, support: SupportEmbedding) -> Tensor:
+        """(B, 1 or 3, H, W) targets as loaded -> (B, N, H, W) mask logits at the targets' size."""
+        x, geo = self.backbone.preprocess(targets)
+        return self.backbone.postprocess(self.segment_features(self.encode_images(x), support), geo)
+
+    def segment_features(self, features: Features, support: SupportEmbedding) -> Tensor:
+        """Backbone features of B targets -> (B, N, 4H, 4W) low-res logits in the padded input frame."""
+        prompts = self.generator(self.to_grid(features.embed), support)  # (B, N, T, C)
+        return self.backbone.decode(features, prompts)
+
+    def forward(self, targets: Tensor, support_images: Tensor, support_masks: Tensor) -> Tensor:
+        """Uncached: encode the support set and segment the targets in one call."""
+        return self.segment(targets, self.encode_support(support_images, support_masks))
+
+
+def check_support(images: Tensor, masks: Tensor) -> None:
+    """Raise ValueError naming what is wrong with a support set."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"support images must be (K, 1 or 3, H, W), got shape {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError("the support set is empty (K = 0): give at least one image-mask pair")
+    if masks.dim() != 4:
+        raise ValueError(f"support masks must be (K, N, H, W), got shape {tuple(masks.shape)}")
+    if masks.shape[0] != images.shape[0]:
+        raise ValueError(f"{masks.shape[0]} support masks for {images.shape[0]} support images (K must match)")
+    if masks.shape[1] == 0:
+        raise ValueError("support masks have no object (N = 0)")
+    if masks.shape[-2:] != images.shape[-2:]:
+        raise ValueError(f"support mask {tuple(masks.shape[-2:])} does not match image {tuple(images.shape[-2:])}")
+    if masks.dtype != torch.bool and not bool(((masks == 0) | (masks == 1)).all()):
+        raise ValueError(f"support masks must be binary (0/1); found values {masks.unique()[:8].tolist()}")
+    empty = [n for n in range(masks.shape[1]) if not bool(masks[:, n].any())]
+    if empty:
+        raise ValueError(f"support object(s) {empty} are empty in every support pair: nothing shows what to segment")
