@@ -123,6 +123,11 @@ class Backbone(nn.Module):
         out = [self._decode_one(features.select(slice(b, b + 1)), prompts[b], dense) for b in range(prompts.shape[0])]
         return torch.stack([o[:, 0] for o in out])  # B x (N, 1, h, w) -> (B, N, h, w)
 
+    def token_pe(self, side: int) -> Tensor:
+        """SAM's positional encoding at the centres of a (side, side) grid over the image: (side*side, C)."""
+        pe = self.prompt_encoder.pe_layer((side, side))  # (C, side, side)
+        return pe.flatten(1).transpose(0, 1)
+
     def postprocess(self, low_res: Tensor, geo: Geometry) -> Tensor:
         """(B, N, h, w) low-res logits -> (B, N, H0, W0) logits at the original size."""
         x = F.interpolate(low_res, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)

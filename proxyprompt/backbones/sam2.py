@@ -51,7 +51,7 @@ class Sam2Backbone(Backbone):
         _, vision_feats, _, feat_sizes = self.model._prepare_backbone_features(backbone_out)
         if self.model.directly_add_no_mem_embed:
             vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
-        maps = [f.permute(1, 2, 0).reshape(x.shape[0], -1, *s) for f, s in zip(vision_feats, feat_sizes)]
+        maps = [f.permute(1, 2, 0).reshape(x.shape[0], -1, *s) for f, s in zip(vision_feats, feat_sizes, strict=True)]
         # (HW, B, C) -> (B, C, H, W) per level, finest first
         return Features(maps[-1], tuple(maps[:-1]) if self.model.use_high_res_features_in_sam else ())
 

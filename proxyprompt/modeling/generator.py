@@ -54,6 +54,7 @@ class ProxyPromptGenerator(nn.Module):
         self.context_encoder, self.bridge = context_encoder, bridge
         self.selector, self.colorizer = selector, colorizer
         self.grid = grid
+        self.standardize = _Standardize()
 
     def encode_support(self, images: Tensor, masks: Tensor, features: Tensor) -> SupportEmbedding:
         """Encode a support set.
@@ -64,6 +65,7 @@ class ProxyPromptGenerator(nn.Module):
             features: (K, C, H, W) frozen-encoder features of ``images`` on the PPG grid.
         """
         k, n = masks.shape[:2]
+        features = self.standardize(features)
         pairs = torch.cat([images.unsqueeze(1).expand(-1, n, -1, -1, -1), masks.unsqueeze(2)], dim=2)  # (K,N,4,S,S)
         v = self.context_encoder(pairs.flatten(0, 1)).unflatten(0, (k, n))  # (K, N, C_v, H, W)
         a_agg = self.bridge(features, v)  # (N, K*H*W, C)
@@ -79,6 +81,7 @@ class ProxyPromptGenerator(nn.Module):
         Returns:
             (B, N, T, C) prompt tokens, T = H*W/16.
         """
+        target = self.standardize(target)
         b, c, h, w = target.shape
         if c != support.keys.shape[-1]:
             raise ValueError(f"target features have {c} channels, the support {support.keys.shape[-1]}")
@@ -86,3 +89,17 @@ class ProxyPromptGenerator(nn.Module):
         ctx = self.selector(f_x, support.keys, support.a_agg)  # (B, N, HW, C)
         f_x = f_x.unsqueeze(1).expand(-1, support.num_objects, -1, -1)  # duplicated N times (Sec. 3.2)
         return self.colorizer(f_x, ctx, (h, w))
+
+
+
+class _Standardize(nn.Module):
+    """Per-position layer norm without affine weights, applied to the frozen features before the CSM and CCM.
+
+    Eq. 6 divides by sqrt(C), which assumes unit-variance channels; backbones differ (LiteMedSAM's features have a
+    norm of ~1.5 over 256 channels, which would leave the softmax uniform and the Selective map blind). Standardising
+    each position makes the temperature mean what the paper intends on every backbone.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        return nn.functional.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2]).permute(0, 3, 1, 2)

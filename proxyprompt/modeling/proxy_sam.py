@@ -15,9 +15,11 @@ class ProxyPromptSAM(nn.Module):
 
     The proxy prompts P (B, N, T, C) enter the frozen mask decoder as *sparse* prompt tokens, the slot where SAM puts
     its point and box embeddings; the dense slot gets SAM's own ``no_mask_embed``. Sparse, because P is a set of
-    tokens without a pixel layout (the CCM's projections pool the grid 16-fold), because the decoder's two-way
-    transformer is what reads token prompts (and what the decoder LoRA adapts), and because it is the same slot in
-    SAM, LiteMedSAM and SAM 2's image decoder.
+    tokens (the CCM's projections pool the grid 16-fold), because the decoder's two-way transformer is what reads
+    token prompts (and what the decoder LoRA adapts), and because it is the same slot in SAM, LiteMedSAM and SAM 2's
+    image decoder. As SAM does for a point prompt (positional encoding of its coordinates + a learned embedding),
+    each token gets the backbone's own positional encoding of the centre of its cell on the P grid (the CCM's
+    strided projections keep the tokens on a (H/4, W/4) grid), so the decoder knows where each token speaks of.
 
     Args:
         backbone: frozen SAM-family model (with LoRA adapters where the preset puts them).
@@ -73,6 +75,7 @@ class ProxyPromptSAM(nn.Module):
     def segment_features(self, features: Features, support: SupportEmbedding) -> Tensor:
         """Backbone features of B targets -> (B, N, 4H, 4W) low-res logits in the padded input frame."""
         prompts = self.generator(self.to_grid(features.embed), support)  # (B, N, T, C)
+        prompts = prompts + self.backbone.token_pe(round(prompts.shape[2] ** 0.5))  # + (T, C) cell positions
         return self.backbone.decode(features, prompts)
 
     def forward(self, targets: Tensor, support_images: Tensor, support_masks: Tensor) -> Tensor:

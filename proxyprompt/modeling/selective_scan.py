@@ -133,6 +133,7 @@ def selective_scan(
 ) -> Tensor:
     """mamba-ssm's CUDA kernel for GPU tensors when installed, else `selective_scan_torch`."""
     if u.is_cuda and kernel_available():
+        _check(u, delta, A, B, C)  # the same ValueError as the torch path, not the kernel's RuntimeError
         kernel = _cuda_kernel()
         return kernel(
             u.contiguous(),

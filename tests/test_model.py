@@ -1,0 +1,369 @@
+"""ProxyPromptSAM end to end on random tiny backbones: shapes, what trains, caching, checkpoints, input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from proxyprompt import build_model, load_ppg, save_ppg
+from proxyprompt.backbones import build_sam_tiny
+from proxyprompt.lora import add_lora, is_trainable
+from proxyprompt.modeling.colorization import ContextualColorization, PooledContext
+from proxyprompt.modeling.selective_map import MeanContext, SelectiveMap
+
+H, W = 96, 120  # not square and not the backbone's 128: exercises resize and padding
+
+
+def make_support(k: int, n: int, *, h: int = H, w: int = W, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """K random uint8 images and (K, N, H, W) 0/1 masks, each object a nonempty rectangle."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (k, 3, h, w), dtype=torch.uint8, generator=g)
+    masks = torch.zeros(k, n, h, w)
+    for i in range(k):
+        for j in range(n):
+            y0 = int(torch.randint(0, h // 2, (1,), generator=g))
+            x0 = int(torch.randint(0, w // 2, (1,), generator=g))
+            dy, dx = (int(v) for v in torch.randint(12, h // 2, (2,), generator=g))
+            masks[i, j, y0 : y0 + dy, x0 : x0 + dx] = 1
+    return images, masks
+
+
+def make_targets(b: int, channels: int = 3, *, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, channels, H, W), dtype=torch.uint8, generator=g)
+
+
+def tiny_model(seed: int = 0, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model("sam_tiny", "tiny", pretrained=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    """Shared read-only model (eval mode); tests that change weights build their own."""
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def sam2_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("sam2", "tiny", pretrained=False, backbone_kwargs={"image_size": 256})
+
+
+# --- shapes ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("n", [1, 3])
+def test_segment_shapes(model, k: int, n: int) -> None:
+    images, masks = make_support(k, n)
+    with torch.no_grad():
+        support = model.encode_support(images, masks)
+        assert support.num_objects == n
+        assert support.keys.shape == (k * 8 * 8, 32)
+        assert support.a_agg.shape == (n, k * 8 * 8, 32)
+        logits = model.segment(make_targets(2), support)
+    assert logits.shape == (2, n, H, W)
+    assert torch.isfinite(logits).all()
+
+
+def test_grey_targets_and_support(model) -> None:
+    images, masks = make_support(2, 2)
+    with torch.no_grad():
+        support = model.encode_support(images[:, :1], masks)
+        grey = make_targets(2, channels=1)
+        logits = model.segment(grey, support)
+        # a grey image is its 3-channel replica
+        torch.testing.assert_close(logits, model.segment(grey.expand(-1, 3, -1, -1), support))
+    assert logits.shape == (2, 2, H, W)
+    assert torch.isfinite(logits).all()
+
+
+# --- what trains -----------------------------------------------------------------------------------------------------
+def test_gradients_reach_exactly_ppg_and_lora() -> None:
+    model = tiny_model().train()
+    images, masks = make_support(2, 2)
+    logits = model(make_targets(2), images, masks)
+    target = (torch.rand(logits.shape, generator=torch.Generator().manual_seed(5)) > 0.5).float()
+    F.binary_cross_entropy_with_logits(logits, target).backward()
+
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {name for name, _ in model.named_parameters() if is_trainable(name)}
+    assert all(name.startswith("generator.") or ".lora_" in name for name in trainable)
+    assert any(n.startswith("generator.") for n in trainable)
+    assert any(".lora_" in n and n.startswith("backbone.model.image_encoder.") for n in trainable)
+    assert any(".lora_" in n and n.startswith("backbone.model.mask_decoder.") for n in trainable)
+
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, name
+            continue
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        if ".lora_A." in name:
+            # lora_B starts at zero, so dL/dA = B^T (...) is exactly zero on the first step
+            assert torch.count_nonzero(p.grad) == 0, name
+        else:
+            assert torch.count_nonzero(p.grad) > 0, name
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    after = model.state_dict()
+    for key, value in before.items():
+        if not is_trainable(key):
+            assert torch.equal(after[key], value), f"frozen {key} changed"
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("generator."))
+    assert any(not torch.equal(after[k], before[k]) for k in before if ".lora_B." in k)
+
+
+def _box_and_encode(backbone) -> tuple[torch.Tensor, torch.Tensor]:
+    images = make_targets(2)
+    boxes = torch.tensor([[10.0, 12.0, 60.0, 70.0], [30.0, 5.0, 110.0, 90.0]])
+    with torch.no_grad():
+        x, _ = backbone.preprocess(images)
+        return backbone.predict_box(images, boxes), backbone.encode(x).embed
+
+
+def test_lora_is_a_no_op_at_init() -> None:
+    torch.manual_seed(0)
+    plain = build_sam_tiny()
+    torch.manual_seed(0)
+    adapted = build_sam_tiny()
+    add_lora(adapted, rank=2, sites=("encoder", "decoder"))
+    lora_b = [p for name, p in adapted.named_parameters() if ".lora_B." in name]
+    assert any("image_encoder" in n for n, _ in adapted.named_parameters() if ".lora_" in n)
+    assert any("mask_decoder" in n for n, _ in adapted.named_parameters() if ".lora_" in n)
+
+    box_plain, embed_plain = _box_and_encode(plain)
+    box_lora, embed_lora = _box_and_encode(adapted)
+    assert box_plain.shape == (2, 1, H, W)
+    torch.testing.assert_close(box_lora, box_plain, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(embed_lora, embed_plain, atol=1e-6, rtol=1e-6)
+
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in lora_b:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    box_lora, embed_lora = _box_and_encode(adapted)
+    assert not torch.allclose(box_lora, box_plain, atol=1e-4)
+    assert not torch.allclose(embed_lora, embed_plain, atol=1e-4)
+
+
+# --- determinism and caching -----------------------------------------------------------------------------------------
+def test_same_seed_same_output() -> None:
+    images, masks = make_support(2, 2)
+    targets = make_targets(2)
+    outs = []
+    for _ in range(2):
+        model = tiny_model(seed=3)
+        with torch.no_grad():
+            outs.append(model.segment(targets, model.encode_support(images, masks)))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_cached_support_equals_uncached(model) -> None:
+    images, masks = make_support(3, 2)
+    targets = make_targets(3)
+    with torch.no_grad():
+        support = model.encode_support(images, masks)
+        one_by_one = torch.cat([model.segment(targets[i : i + 1], support) for i in range(3)])
+        batched = model.segment(targets, support)
+        uncached = model(targets, images, masks)
+    torch.testing.assert_close(one_by_one, uncached, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batched, uncached, atol=1e-5, rtol=1e-5)
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------------
+def _output(model) -> torch.Tensor:
+    images, masks = make_support(2, 2)
+    with torch.no_grad():
+        return model(make_targets(2), images, masks)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[torch.nn.Module, object]:
+    """A seed-0 model whose PPG and LoRA weights (lora_B included) moved away from their initial values, saved."""
+    model = tiny_model(seed=0)
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * (0.2 if ".lora_B." in name else 0.05))
+    path = save_ppg(model, tmp_path_factory.mktemp("ckpt") / "ppg.pt")
+    return model, path
+
+
+def test_checkpoint_holds_only_ppg_and_lora(trained) -> None:
+    model, path = trained
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    keys = set(ckpt["state_dict"])
+    assert keys == {k for k in model.state_dict() if k.startswith("generator.") or ".lora_" in k}
+    assert any(k.startswith("generator.") for k in keys) and any(".lora_B." in k for k in keys)
+    assert ckpt["config"]["backbone"] == "sam_tiny"
+
+
+def test_checkpoint_round_trip(trained) -> None:
+    model, path = trained
+    expected = _output(model)
+
+    # another seed: other PPG + LoRA, and another random backbone, which a PPG checkpoint does not hold by design;
+    # give it the same frozen backbone weights so only what the checkpoint carries differs
+    fresh = tiny_model(seed=1)
+    frozen = {k: v for k, v in model.state_dict().items() if not is_trainable(k)}
+    result = fresh.load_state_dict(frozen, strict=False)
+    assert not result.unexpected_keys and all(is_trainable(k) for k in result.missing_keys)
+    assert not torch.allclose(_output(fresh), expected, atol=1e-4)
+    load_ppg(fresh, path)
+    assert torch.equal(_output(fresh), expected)
+
+    # build_model(ppg_checkpoint=...) with the seed that gives the same random backbone
+    assert not torch.allclose(_output(tiny_model(seed=0)), expected, atol=1e-4)
+    torch.manual_seed(0)
+    loaded = build_model("sam_tiny", "tiny", pretrained=False, ppg_checkpoint=path)
+    assert not loaded.training
+    assert torch.equal(_output(loaded), expected)
+
+
+def test_checkpoint_for_another_backbone_is_refused(trained, sam2_model) -> None:
+    _, path = trained
+    with pytest.raises(ValueError, match=r"'sam_tiny'.*'sam2'"):
+        load_ppg(sam2_model, path)
+
+
+def test_checkpoint_with_missing_key_is_refused(trained, tmp_path) -> None:
+    _, path = trained
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    dropped = sorted(ckpt["state_dict"])[0]
+    del ckpt["state_dict"][dropped]
+    broken = tmp_path / "broken.pt"
+    torch.save(ckpt, broken)
+    with pytest.raises(ValueError, match="missing"):
+        load_ppg(tiny_model(), broken)
+
+
+def test_checkpoint_with_other_settings_is_refused(trained) -> None:
+    _, path = trained
+    with pytest.raises(ValueError, match="other settings"):
+        load_ppg(tiny_model(selector="mean"), path)
+
+
+def test_missing_checkpoint_file(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load_ppg(tiny_model(), tmp_path / "nope.pt")
+
+
+def test_half_precision_checkpoint_loads(trained, tmp_path) -> None:
+    model, _ = trained
+    path = save_ppg(model, tmp_path / "half.pt", half=True)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in ckpt["state_dict"].values() if v.is_floating_point())
+    fresh = tiny_model(seed=0)
+    load_ppg(fresh, path)
+    params = dict(fresh.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert params[name].dtype == torch.float32
+            torch.testing.assert_close(params[name], p.detach().half().float(), atol=0, rtol=0)
+    torch.testing.assert_close(_output(fresh), _output(model), atol=5e-2, rtol=5e-2)
+
+
+# --- input checks ----------------------------------------------------------------------------------------------------
+def _bad_support(case: str) -> tuple[torch.Tensor, torch.Tensor]:
+    images, masks = make_support(2, 2)
+    if case == "size":
+        return images, masks[..., :-8]
+    if case == "empty":
+        return images[:0], masks[:0]
+    if case == "count":
+        return images, masks[:1]
+    if case == "binary":
+        return images, masks * 0.5
+    if case == "channels":
+        return images[:, :2], masks
+    if case == "mask-3d":
+        return images, masks[:, 0]
+    if case == "empty-object":
+        masks[:, 1] = 0
+        return images, masks
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("size", r"does not match image"),
+        ("empty", r"empty \(K = 0\)"),
+        ("count", r"1 support masks for 2 support images"),
+        ("binary", r"binary"),
+        ("channels", r"\(K, 1 or 3, H, W\)"),
+        ("mask-3d", r"support masks must be \(K, N, H, W\)"),
+        ("empty-object", r"object\(s\) \[1\] are empty in every support pair"),
+    ],
+)
+def test_bad_support_raises(model, case: str, message: str) -> None:
+    images, masks = _bad_support(case)
+    with pytest.raises(ValueError, match=message):
+        model.encode_support(images, masks)
+
+
+def test_bad_targets_raise(model) -> None:
+    images, masks = make_support(1, 1)
+    with torch.no_grad():
+        support = model.encode_support(images, masks)
+    with pytest.raises(ValueError, match=r"1 or 3"):
+        model.segment(make_targets(1)[:, :2], support)
+    with pytest.raises(ValueError, match=r"empty"):
+        model.segment(make_targets(1)[:0], support)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"backbone": "sam_vit_z"}, r"backbone must be one of"),
+        ({"preset": "huge"}, r"preset must be one of"),
+        ({"selector": "max"}, r"selector"),
+        ({"colorizer": "none"}, r"colorizer"),
+    ],
+)
+def test_build_model_bad_names(kwargs: dict, message: str) -> None:
+    args = {"backbone": "sam_tiny", "preset": "tiny", "pretrained": False} | kwargs
+    with pytest.raises(ValueError, match=message):
+        build_model(**args)
+
+
+@pytest.mark.parametrize("checkpoint", [None, "/nonexistent/sam_vit_b.pth"])
+def test_sam_vit_b_needs_its_checkpoint(checkpoint) -> None:
+    with pytest.raises(FileNotFoundError, match=r"sam_vit_b_01ec64\.pth"):
+        build_model("sam_vit_b", "tiny", checkpoint=checkpoint)
+
+
+# --- ablations and other backbones -----------------------------------------------------------------------------------
+def test_default_modules(model) -> None:
+    assert isinstance(model.generator.selector, SelectiveMap)
+    assert isinstance(model.generator.colorizer, ContextualColorization)
+
+
+@pytest.mark.parametrize(
+    "override,attr,kind",
+    [({"selector": "mean"}, "selector", MeanContext), ({"colorizer": "pooled"}, "colorizer", PooledContext)],
+)
+def test_ablations(override: dict, attr: str, kind: type) -> None:
+    model = tiny_model(**override)
+    assert isinstance(getattr(model.generator, attr), kind)
+    assert model.config[attr] == next(iter(override.values()))
+    images, masks = make_support(2, 3)
+    with torch.no_grad():
+        logits = model.segment(make_targets(2), model.encode_support(images, masks))
+    assert logits.shape == (2, 3, H, W)
+    assert torch.isfinite(logits).all()
+
+
+def test_sam2_backbone_through_ppg(sam2_model) -> None:
+    assert sam2_model.backbone.img_size == 256 and sam2_model.generator.grid == sam2_model.backbone.feat_size
+    lora = [n for n, _ in sam2_model.named_parameters() if ".lora_" in n]
+    assert any(n.startswith("backbone.model.image_encoder.trunk.") for n in lora)
+    assert any(n.startswith("backbone.model.sam_mask_decoder.") for n in lora)
+    images, masks = make_support(1, 2)
+    with torch.no_grad():
+        logits = sam2_model(make_targets(1), images, masks)
+    assert logits.shape == (1, 2, H, W)
+    assert torch.isfinite(logits).all()
