@@ -50,10 +50,13 @@ def sample_episode(rng: np.random.Generator, size: int, num_objects: int, num_su
     return target, support, [int(o) for o in objects]
 
 
-def episode_logits(model: ProxyPromptSAM, bank: FeatureBank, target: Sequence[int], support: Sequence[int],
-                   objects: Sequence[int]) -> tuple[Tensor, Tensor]:
+def episode_logits(
+    model: ProxyPromptSAM, bank: FeatureBank, target: Sequence[int], support: Sequence[int], objects: Sequence[int]
+) -> tuple[Tensor, Tensor]:
     """Low-res logits (B, N, h, w) for targets given a support, and the matching ground truth."""
-    sup = model.encode_prepared_support(bank.x[support], bank.masks[support][:, objects], _index(bank.features, support))
+    sup = model.encode_prepared_support(
+        bank.x[support], bank.masks[support][:, objects], _index(bank.features, support)
+    )
     logits = model.segment_features(_index(bank.features, target), sup)
     truth = F.interpolate(bank.masks[target][:, objects], size=logits.shape[-2:], mode="area")
     return logits, (truth > 0.5).float()
@@ -69,12 +72,21 @@ def make_optimizer(model: ProxyPromptSAM, lr: float = 0.01, momentum: float = 0.
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def train_episodes(model: ProxyPromptSAM, bank: FeatureBank, *, steps: int, num_support: int, optimizer=None,
-                   seed: int = 0, log_every: int = 0) -> list[float]:
-    """Train on ``steps`` random episodes with the Dice loss (paper Eq. 13); returns the losses."""
+def train_episodes(
+    model: ProxyPromptSAM,
+    bank: FeatureBank,
+    *,
+    steps: int,
+    num_support: int,
+    optimizer=None,
+    loss_fn=None,
+    seed: int = 0,
+    log_every: int = 0,
+) -> list[float]:
+    """Train on ``steps`` random episodes, by default with the Dice loss (paper Eq. 13); returns the losses."""
     rng = np.random.default_rng(seed)
     optimizer = optimizer or make_optimizer(model)
-    loss_fn = DiceLoss(sigmoid=True)
+    loss_fn = loss_fn or DiceLoss(sigmoid=True)
     num_objects = bank.masks.shape[1]
     losses = []
     model.train()
@@ -85,7 +97,7 @@ def train_episodes(model: ProxyPromptSAM, bank: FeatureBank, *, steps: int, num_
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             print(f"step {step + 1}/{steps}  dice loss {np.mean(losses[-log_every:]):.3f}", flush=True)
     model.eval()

@@ -10,7 +10,8 @@ pooling over objects: each object's channel descriptor is concatenated with the 
 branch) of all objects' descriptors before the shared MLP, and each object's spatial map is concatenated with the
 mean / max maps over all objects before the 7x7 conv. Pooling over objects is permutation invariant and defined for
 any N >= 1, so one set of weights serves 1, 2, 3, 4, ... objects, and an object's attention still depends on
-what the other objects are.
+what the other objects are. A_agg's tokens are layer-normalised on the way out: the ReLU-ended ResBlocks leave
+large non-negative activations that would saturate the CCM's attention.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class BridgeUnit(nn.Module):
         self.res1 = ResBlock(feat_dim + vim_dim, feat_dim)
         self.cbam = CrossObjectCBAM(feat_dim)
         self.res2 = ResBlock(feat_dim, feat_dim)
+        self.out_norm = nn.LayerNorm(feat_dim)  # tokens at the scale of the standardised target features
 
     def forward(self, f_sup: Tensor, v: Tensor) -> Tensor:
         """Aggregate support features per object.
@@ -96,4 +98,4 @@ class BridgeUnit(nn.Module):
         f_cat = torch.cat([f_sup.unsqueeze(1).expand(-1, n, -1, -1, -1), v], dim=2)  # (K, N, C + C_v, H, W)
         a = self.res1(f_cat.flatten(0, 1)).unflatten(0, (k, n))  # (K, N, C, H, W)
         a = self.res2(self.cbam(a).flatten(0, 1)).unflatten(0, (k, n))  # (K, N, C, H, W)
-        return a.permute(1, 0, 3, 4, 2).flatten(1, 3)  # (K, N, C, H, W) -> (N, K*H*W, C)
+        return self.out_norm(a.permute(1, 0, 3, 4, 2).flatten(1, 3))  # (K, N, C, H, W) -> (N, K*H*W, C)

@@ -91,7 +91,6 @@ class ProxyPromptGenerator(nn.Module):
         return self.colorizer(f_x, ctx, (h, w))
 
 
-
 class _Standardize(nn.Module):
     """Per-position layer norm without affine weights, applied to the frozen features before the CSM and CCM.
 
