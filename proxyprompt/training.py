@@ -30,7 +30,8 @@ class FeatureBank:
         self.masks = model.backbone.preprocess_masks(masks, geo)  # (M, N, S, S)
         parts = [model.encode_images(self.x[i : i + chunk]) for i in range(0, len(self.x), chunk)]
         self.features = Features(
-            torch.cat([p.embed for p in parts]), tuple(torch.cat(f) for f in zip(*[p.high_res for p in parts]))
+            torch.cat([p.embed for p in parts]),
+            tuple(torch.cat(f) for f in zip(*[p.high_res for p in parts], strict=True)),
         )
 
     def __len__(self) -> int:

@@ -45,7 +45,7 @@ def main() -> None:
             for k in args.ks:
                 for n in args.ns:
                     sup_images, sup_masks = images[:k], masks[:k, :n]
-                    t_sup = timed(lambda m=model: m.encode_support(sup_images, sup_masks), 1)
+                    t_sup = timed(lambda m=model, i=sup_images, s=sup_masks: m.encode_support(i, s), 1)
                     support = model.encode_support(sup_images, sup_masks)
                     t_seg = timed(lambda m=model, s=support: m.segment(target, s), args.repeat)
                     print(
