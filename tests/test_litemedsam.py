@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from monai.metrics import compute_dice
 
@@ -28,9 +27,6 @@ def test_box_prompt_segments_a_bright_disk(litemedsam_backbone):
     assert dice.item() > 0.9
 
 
-@pytest.mark.xfail(
-    reason="short CPU training does not yet learn to follow the support mask (see README: status)", strict=False
-)
 def test_ppg_learns_and_follows_the_support_mask():
     torch.manual_seed(0)
     model = build_model("litemedsam", "cpu", vim_dim=32, vim_depth=1, ccm_heads=4, ccm_ffn=256)

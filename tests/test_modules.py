@@ -20,40 +20,38 @@ def _selective_inputs(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor,
     g = torch.Generator().manual_seed(0)
     f_x = torch.randn(B, HW, C, generator=g, dtype=dtype)
     f_sup = torch.randn(K * HW, C, generator=g, dtype=dtype)
-    a_agg = torch.randn(N, K * HW, C, generator=g, dtype=dtype)
-    return f_x, f_sup, a_agg
+    values = torch.randn(K * HW, N * C, generator=g, dtype=dtype)  # e.g. A_agg of N objects side by side
+    return f_x, f_sup, values
 
 
 def test_selective_map_matches_paper_formula() -> None:
     """Eq. 6-7 with the (KHW, HW) map materialised: softmax over support positions, E_ctx = A_agg . softmax."""
-    f_x, f_sup, a_agg = _selective_inputs()
-    out = SelectiveMap()(f_x, f_sup, a_agg)
-    assert out.shape == (B, N, HW, C)
+    f_x, f_sup, values = _selective_inputs()
+    out = SelectiveMap()(f_x, f_sup, values)
+    assert out.shape == (B, HW, N * C)
     for b in range(B):
         sq_norm = (f_sup**2).sum(dim=1, keepdim=True)  # (KHW, 1): one squared norm per support position
         selective = (2 * f_sup @ f_x[b].T - sq_norm) / math.sqrt(C)  # (KHW, HW)
         weights = torch.softmax(selective, dim=0)  # over the K*H*W support positions
         assert torch.allclose(weights.sum(dim=0), torch.ones(HW, dtype=torch.float64))
-        for n in range(N):
-            e_ctx = a_agg[n].T @ weights  # (C, KHW) @ (KHW, HW) -> (C, HW)
-            torch.testing.assert_close(out[b, n], e_ctx.T, atol=1e-10, rtol=1e-10)
+        e_ctx = values.T @ weights  # (D, KHW) @ (KHW, HW) -> (D, HW)
+        torch.testing.assert_close(out[b], e_ctx.T, atol=1e-10, rtol=1e-10)
 
 
 def test_selective_map_reads_nearest_support_patch() -> None:
-    """With a target patch equal to one (well-separated) support patch, E_ctx is that patch's aggregated token."""
+    """With a target patch equal to one (well-separated) support patch, it reads that patch's values."""
     f_sup = 10 * torch.randn(K * HW, C, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    a_agg = torch.randn(N, K * HW, C, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    values = torch.randn(K * HW, C, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     f_x = f_sup[[5, 20]].unsqueeze(0)  # (1, 2, C): copies of support positions 5 and 20
-    out = SelectiveMap()(f_x, f_sup, a_agg)
-    torch.testing.assert_close(out[0, :, 0], a_agg[:, 5], atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(out[0, :, 1], a_agg[:, 20], atol=1e-6, rtol=1e-6)
+    out = SelectiveMap()(f_x, f_sup, values)
+    torch.testing.assert_close(out[0], values[[5, 20]], atol=1e-6, rtol=1e-6)
 
 
 def test_mean_context_is_mean_over_support_pairs() -> None:
-    f_x, f_sup, a_agg = _selective_inputs()
-    out = MeanContext()(f_x, f_sup, a_agg)
-    assert out.shape == (B, N, HW, C)
-    expected = torch.stack([a_agg[:, k * HW : (k + 1) * HW] for k in range(K)]).mean(dim=0)  # (N, HW, C)
+    f_x, f_sup, values = _selective_inputs()
+    out = MeanContext()(f_x, f_sup, values)
+    assert out.shape == (B, HW, N * C)
+    expected = torch.stack([values[k * HW : (k + 1) * HW] for k in range(K)]).mean(dim=0)  # (HW, D)
     for b in range(B):
         torch.testing.assert_close(out[b], expected)
 
@@ -185,3 +183,25 @@ def test_generator_grid_must_be_multiple_of_four() -> None:
             colorizer=PooledContext(),
             grid=6,
         )
+
+
+def test_generator_carries_the_support_masks_to_the_target() -> None:
+    """P has H*W/16 tokens per object, and the support masks read through Eq. 7 land where the target matches."""
+    torch.manual_seed(0)
+    gen = ProxyPromptGenerator(
+        context_encoder=VisionMambaEncoder(img_size=32, grid=8, patch=4, dim=8, depth=1),
+        bridge=BridgeUnit(64, 8),
+        selector=SelectiveMap(),
+        colorizer=PooledContext(),
+        grid=8,
+    )
+    images = torch.randn(1, 3, 32, 32)
+    masks = torch.zeros(1, 2, 32, 32)
+    masks[0, 0, :16] = 1  # object 0: top half; object 1: bottom-right quarter
+    masks[0, 1, 16:, 16:] = 1
+    features = torch.randn(1, 64, 8, 8)  # wide enough that each position is far from the others
+    support = gen.encode_support(images, masks, features)
+    tokens, coarse = gen(features, support)  # the target *is* the support image: every position finds itself
+    assert tokens.shape == (1, 2, 4, 64) and coarse.shape == (1, 2, 8, 8)
+    expected = torch.nn.functional.adaptive_avg_pool2d(masks, 8)
+    torch.testing.assert_close(coarse, expected, atol=1e-3, rtol=0)

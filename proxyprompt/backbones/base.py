@@ -106,21 +106,33 @@ class Backbone(nn.Module):
     def prompt_encoder(self) -> nn.Module:
         return self.model.prompt_encoder
 
-    def decode(self, features: Features, prompts: Tensor) -> Tensor:
+    def embed_mask(self, probs: Tensor) -> Tensor:
+        """SAM's own mask-prompt path: (B, N, h, w) foreground probabilities -> (B, N, C, H, W) dense embeddings."""
+        b, n = probs.shape[:2]
+        size = tuple(self.prompt_encoder.mask_input_size)
+        x = F.interpolate(probs.flatten(0, 1).unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+        logits = 20 * (x - 0.5)  # SAM takes a previous prediction's logits: +-10 for certain fore/background
+        return self.prompt_encoder._embed_masks(logits).unflatten(0, (b, n))
+
+    def decode(self, features: Features, prompts: Tensor, dense: Tensor | None = None) -> Tensor:
         """Frozen mask decoder with prompt tokens.
 
         Args:
             features: from `encode`, batch B.
             prompts: (B, N, T, C) sparse prompt tokens (the proxy prompts, or a box's two corner tokens).
+            dense: (B, N, C, H, W) dense prompt embeddings (`embed_mask`), or None for SAM's ``no_mask_embed``.
         Returns:
             (B, N, 4H, 4W) low-resolution mask logits in the padded input frame.
         """
         if prompts.dim() != 4 or prompts.shape[0] != features.embed.shape[0]:
             raise ValueError(f"prompts must be (B={features.embed.shape[0]}, N, T, C), got {tuple(prompts.shape)}")
-        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+        no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
             1, -1, self.feat_size, self.feat_size
         )  # what SAM adds to the image embedding when no mask prompt is given
-        out = [self._decode_one(features.select(slice(b, b + 1)), prompts[b], dense) for b in range(prompts.shape[0])]
+        out = [
+            self._decode_one(features.select(slice(b, b + 1)), prompts[b], no_mask if dense is None else dense[b])
+            for b in range(prompts.shape[0])
+        ]
         return torch.stack([o[:, 0] for o in out])  # B x (N, 1, h, w) -> (B, N, h, w)
 
     def token_pe(self, side: int) -> Tensor:

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from .bridge import BridgeUnit
 from .vision_mamba import VisionMambaEncoder
+
+
+class ProxyPrompt(NamedTuple):
+    """tokens: (B, N, T, C) the proxy prompt P.  coarse_mask: (B, N, H, W) support masks read through Eq. 7."""
+
+    tokens: Tensor
+    coarse_mask: Tensor
 
 
 @dataclass(frozen=True)
@@ -18,10 +26,12 @@ class SupportEmbedding:
     Attributes:
         keys: (K*H*W, C) frozen-encoder features of the support images on the PPG grid (Selective-map keys).
         a_agg: (N, K*H*W, C) Bridge-Unit output (Selective-map values).
+        masks: (N, K*H*W) the support masks on the PPG grid (area fractions), carried along by the Selective map.
     """
 
     keys: Tensor
     a_agg: Tensor
+    masks: Tensor
 
     @property
     def num_objects(self) -> int:
@@ -70,25 +80,30 @@ class ProxyPromptGenerator(nn.Module):
         v = self.context_encoder(pairs.flatten(0, 1)).unflatten(0, (k, n))  # (K, N, C_v, H, W)
         a_agg = self.bridge(features, v)  # (N, K*H*W, C)
         keys = features.permute(0, 2, 3, 1).flatten(0, 2)  # (K, C, H, W) -> (K*H*W, C)
-        return SupportEmbedding(keys=keys, a_agg=a_agg)
+        on_grid = nn.functional.adaptive_avg_pool2d(masks, self.grid)  # (K, N, H, W)
+        return SupportEmbedding(keys=keys, a_agg=a_agg, masks=on_grid.permute(1, 0, 2, 3).flatten(1))
 
-    def forward(self, target: Tensor, support: SupportEmbedding) -> Tensor:
+    def forward(self, target: Tensor, support: SupportEmbedding) -> ProxyPrompt:
         """Proxy prompts for each object.
 
         Args:
             target: (B, C, H, W) frozen-encoder features of the targets on the PPG grid.
             support: see `encode_support`.
         Returns:
-            (B, N, T, C) prompt tokens, T = H*W/16.
+            tokens (B, N, T, C), T = H*W/16, and the support masks carried to the target (B, N, H, W).
         """
         target = self.standardize(target)
         b, c, h, w = target.shape
         if c != support.keys.shape[-1]:
             raise ValueError(f"target features have {c} channels, the support {support.keys.shape[-1]}")
+        n = support.num_objects
         f_x = target.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
-        ctx = self.selector(f_x, support.keys, support.a_agg)  # (B, N, HW, C)
-        f_x = f_x.unsqueeze(1).expand(-1, support.num_objects, -1, -1)  # duplicated N times (Sec. 3.2)
-        return self.colorizer(f_x, ctx, (h, w))
+        values = torch.cat([support.a_agg.permute(1, 0, 2).flatten(1), support.masks.T], dim=1)  # (KHW, N*C + N)
+        selected = self.selector(f_x, support.keys, values)  # (B, HW, N*C + N): one attention map for all objects
+        ctx = selected[..., : n * c].unflatten(-1, (n, c)).transpose(1, 2)  # E_ctx: (B, N, HW, C)
+        coarse = selected[..., n * c :].transpose(1, 2).unflatten(-1, (h, w))  # (B, N, H, W)
+        f_x = f_x.unsqueeze(1).expand(-1, n, -1, -1)  # duplicated N times (Sec. 3.2)
+        return ProxyPrompt(self.colorizer(f_x, ctx, (h, w)), coarse)
 
 
 class _Standardize(nn.Module):

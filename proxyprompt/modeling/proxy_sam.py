@@ -13,13 +13,18 @@ from .generator import ProxyPromptGenerator, SupportEmbedding
 class ProxyPromptSAM(nn.Module):
     """Segments N objects in any number of targets from a support set of K image-mask pairs.
 
-    The proxy prompts P (B, N, T, C) enter the frozen mask decoder as *sparse* prompt tokens, the slot where SAM puts
-    its point and box embeddings; the dense slot gets SAM's own ``no_mask_embed``. Sparse, because P is a set of
-    tokens (the CCM's projections pool the grid 16-fold), because the decoder's two-way transformer is what reads
-    token prompts (and what the decoder LoRA adapts), and because it is the same slot in SAM, LiteMedSAM and SAM 2's
-    image decoder. As SAM does for a point prompt (positional encoding of its coordinates + a learned embedding),
-    each token gets the backbone's own positional encoding of the centre of its cell on the P grid (the CCM's
-    strided projections keep the tokens on a (H/4, W/4) grid), so the decoder knows where each token speaks of.
+    The prompt enters the frozen mask decoder in both of SAM's slots:
+    - sparse: the proxy prompt P (B, N, T, C), where SAM puts its point and box tokens. P is a set of tokens, the
+      decoder's two-way transformer is what reads token prompts (and what the decoder LoRA adapts), and the slot is
+      the same in SAM, LiteMedSAM and SAM 2. As SAM does for a point (positional encoding of its coordinates plus a
+      learned embedding), each token gets the backbone's positional encoding of its cell on P's (H/4, W/4) grid (the
+      CCM's strided projections keep that layout), so the decoder knows where each token speaks of.
+    - dense: the support masks carried to the target by the same Selective-map attention as E_ctx (Eq. 7 with the
+      masks as values: each target patch gets the mask value of the support patches it resembles), embedded by the
+      backbone's own mask-prompt encoder. Without it, short trainings on CPU settle on "segment every salient
+      object" and never learn to follow the support mask: the object identity reaches P only through a few tokens,
+      and the gradient first grows the part of P common to all episodes. The coarse mask makes which object is asked
+      for explicit from the first step, at no extra parameters; P refines it.
 
     Args:
         backbone: frozen SAM-family model (with LoRA adapters where the preset puts them).
@@ -74,9 +79,9 @@ class ProxyPromptSAM(nn.Module):
 
     def segment_features(self, features: Features, support: SupportEmbedding) -> Tensor:
         """Backbone features of B targets -> (B, N, 4H, 4W) low-res logits in the padded input frame."""
-        prompts = self.generator(self.to_grid(features.embed), support)  # (B, N, T, C)
-        prompts = prompts + self.backbone.token_pe(round(prompts.shape[2] ** 0.5))  # + (T, C) cell positions
-        return self.backbone.decode(features, prompts)
+        tokens, coarse = self.generator(self.to_grid(features.embed), support)  # (B, N, T, C), (B, N, g, g)
+        tokens = tokens + self.backbone.token_pe(round(tokens.shape[2] ** 0.5))  # + (T, C) cell positions
+        return self.backbone.decode(features, tokens, self.backbone.embed_mask(coarse))
 
     def forward(self, targets: Tensor, support_images: Tensor, support_masks: Tensor) -> Tensor:
         """Uncached: encode the support set and segment the targets in one call."""
