@@ -21,18 +21,14 @@ class FeatureBank:
         images: (M, 1 or 3, H, W) as loaded.  masks: (M, N, H, W) binary, one channel per object.
     """
 
-    def __init__(self, model: ProxyPromptSAM, images: Tensor, masks: Tensor, chunk: int = 4) -> None:
+    def __init__(self, model: ProxyPromptSAM, images: Tensor, masks: Tensor) -> None:
         if any(p.requires_grad for p in model.backbone.model.image_encoder.parameters()):
             raise ValueError("the image encoder trains (LoRA on the encoder): its features cannot be cached")
         if masks.shape[0] != images.shape[0] or masks.shape[-2:] != images.shape[-2:]:
             raise ValueError(f"masks {tuple(masks.shape)} do not match images {tuple(images.shape)}")
         self.x, geo = model.backbone.preprocess(images)
         self.masks = model.backbone.preprocess_masks(masks, geo)  # (M, N, S, S)
-        parts = [model.encode_images(self.x[i : i + chunk]) for i in range(0, len(self.x), chunk)]
-        self.features = Features(
-            torch.cat([p.embed for p in parts]),
-            tuple(torch.cat(f) for f in zip(*[p.high_res for p in parts], strict=True)),
-        )
+        self.features = model.encode_images(self.x)
 
     def __len__(self) -> int:
         return len(self.x)
