@@ -43,3 +43,15 @@ def test_ppg_learns_and_follows_the_support_mask():
             pred = (model.segment(held_out, model.encode_support(images[:2], masks[:2, [obj]])) > 0).float()
             assert compute_dice(pred, truth[:, [obj]]).mean() > 0.8
             assert compute_dice(pred, truth[:, [other]]).mean() < 0.2
+
+
+def test_presets_put_lora_where_they_say_on_litemedsam():
+    """`paper`: LoRA in TinyViT's attention and the decoder's; `cpu`: decoder only, encoder frozen (cacheable)."""
+    for preset, encoder_lora in (("paper", True), ("cpu", False)):
+        model = build_model("litemedsam", preset)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        in_encoder = [n for n in trainable if n.startswith("backbone.model.image_encoder.")]
+        in_decoder = [n for n in trainable if n.startswith("backbone.model.mask_decoder.")]
+        assert in_decoder and all(".lora_" in n for n in in_decoder + in_encoder)
+        assert bool(in_encoder) == encoder_lora
+        assert len(in_encoder) == (2 * 10 if encoder_lora else 0)  # lora_A and lora_B on each of 10 TinyViT blocks
