@@ -1,0 +1,129 @@
+"""Converters from public releases' folder layouts into the data contract (``dataset.json`` + images/ + labels/).
+
+Nothing is downloaded: the user fetches a release and points a converter at the folder it unpacked to.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_contract(
+    out: str | Path,
+    name: str,
+    labels: dict[int, str],
+    pairs: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    splits: dict[str, Sequence[str]],
+) -> Path:
+    """Write 2D (image, label) pairs as PNGs and a dataset.json.
+
+    Args:
+        pairs: (id, image (H, W) or (H, W, 3) uint8, label (H, W) with values in ``labels`` or 0).
+        splits: split name -> ids in it ("training", "validation", "test").
+    """
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    allowed = {0, *labels}
+    entries = {}
+    for pid, image, label in pairs:
+        extra = set(np.unique(label).tolist()) - allowed
+        if extra:
+            raise ValueError(f"{pid}: label values {sorted(extra)} are not among {sorted(allowed)}")
+        if image.shape[:2] != label.shape:
+            raise ValueError(f"{pid}: label {label.shape} does not match image {image.shape[:2]}")
+        Image.fromarray(image).save(out / "images" / f"{pid}.png")
+        Image.fromarray(label.astype(np.uint8)).save(out / "labels" / f"{pid}.png")
+        entries[pid] = {"image": f"images/{pid}.png", "label": f"labels/{pid}.png"}
+    meta = {
+        "name": name,
+        "labels": {"0": "background", **{str(k): v for k, v in labels.items()}},
+        "tensorImageSize": "2D",
+        **{s: [entries[i] for i in ids] for s, ids in splits.items()},
+    }
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def split_ids(
+    ids: Sequence[str], n_train: int, n_val: int, seed: int, group: Callable[[str], str] = lambda i: i
+) -> dict[str, list[str]]:
+    """Shuffle groups (patients, videos) with ``seed``; the first ``n_train`` groups train, the next ``n_val``
+    validate, the rest test, so no group is in two splits."""
+    groups = sorted({group(i) for i in ids})
+    order = [groups[i] for i in np.random.default_rng(seed).permutation(len(groups))]
+    if n_train + n_val >= len(order):
+        raise ValueError(f"{len(order)} groups cannot give {n_train} training + {n_val} validation and a test split")
+    split_of = {
+        g: "training" if k < n_train else "validation" if k < n_train + n_val else "test" for k, g in enumerate(order)
+    }
+    out: dict[str, list[str]] = {"training": [], "validation": [], "test": []}
+    for i in sorted(ids):
+        out[split_of[group(i)]].append(i)
+    return out
+
+
+def convert_fpa(src: str | Path, out: str | Path, *, n_train: int = 16, n_val: int = 4, seed: int = 0) -> Path:
+    """FH-PS-AOP (MICCAI 2023 challenge, Zenodo 7851339).
+
+    Layout: ``<src>/image_mha/<id>.mha`` (3 x 256 x 256 ultrasound) and ``<src>/label_mha/<id>.mha`` (256 x 256,
+    0 background, 1 pubic symphysis, 2 fetal head). ``src`` may also be the folder above "Pubic Symphysis-Fetal Head
+    Segmentation and Angle of Progression".
+    """
+    import SimpleITK as sitk
+
+    src = Path(src)
+    nested = src / "Pubic Symphysis-Fetal Head Segmentation and Angle of Progression"
+    src = nested if nested.is_dir() else src
+    images = sorted((src / "image_mha").glob("*.mha"))
+    if not images:
+        raise FileNotFoundError(f"no image_mha/*.mha under {src}: expected the FH-PS-AOP release layout")
+    pairs = []
+    for path in images:
+        label_path = src / "label_mha" / path.name
+        if not label_path.is_file():
+            raise FileNotFoundError(f"{path} has no label {label_path}")
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        image = np.moveaxis(image, 0, -1) if image.ndim == 3 and image.shape[0] == 3 else image
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
+        pairs.append((path.stem, np.ascontiguousarray(image).astype(np.uint8), label))
+    splits = split_ids([p[0] for p in pairs], n_train, n_val, seed)
+    return write_contract(out, "FH-PS-AOP", {1: "pubic_symphysis", 2: "fetal_head"}, pairs, splits)
+
+
+_JNU_VALUES = {7: 1, 8: 2}  # pubic symphysis, fetal head in the release's masks
+
+
+def convert_jnu_ifm(src: str | Path, out: str | Path, *, n_train: int = 16, n_val: int = 4, seed: int = 0) -> Path:
+    """JNU-IFM (Lu et al. 2022): one folder per video, ``<src>/<video>/image/<video>_<frame>.png`` and
+    ``<src>/<video>/mask/<video>_<frame>_mask.png`` with 7 = pubic symphysis, 8 = fetal head.
+
+    Splits are by video (``n_train`` / ``n_val`` videos), so a support never comes from the target's own video.
+    """
+    src = Path(src)
+    frames = sorted(src.glob("*/image/*.png"))
+    if not frames:
+        raise FileNotFoundError(f"no <video>/image/*.png under {src}: expected the JNU-IFM release layout")
+    pairs = []
+    for path in frames:
+        mask_path = path.parent.parent / "mask" / f"{path.stem}_mask.png"
+        if not mask_path.is_file():
+            continue  # unannotated frame
+        raw = np.array(Image.open(mask_path))
+        raw = raw[..., 0] if raw.ndim == 3 else raw
+        label = np.zeros(raw.shape, np.uint8)
+        for value, obj in _JNU_VALUES.items():
+            label[raw == value] = obj
+        image = np.array(Image.open(path).convert("L"))
+        pairs.append((path.stem, image, label))
+    if not pairs:
+        raise FileNotFoundError(f"no frame under {src} has a mask/<frame>_mask.png")
+    video = {p[0]: re.sub(r"_\d+$", "", p[0]) for p in pairs}
+    splits = split_ids(list(video), n_train, n_val, seed, group=video.__getitem__)
+    return write_contract(out, "JNU-IFM", {1: "pubic_symphysis", 2: "fetal_head"}, pairs, splits)

@@ -1,0 +1,85 @@
+"""Converters, on tiny fake trees that mirror each public release's layout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+
+from proxyprompt.data.contract import load_samples, read_labels, read_split
+from proxyprompt.data.convert import convert_fpa, convert_jnu_ifm
+
+
+def _fake_fpa(root, n=5):
+    rng = np.random.default_rng(0)
+    base = root / "Pubic Symphysis-Fetal Head Segmentation and Angle of Progression"
+    (base / "image_mha").mkdir(parents=True)
+    (base / "label_mha").mkdir()
+    labels = {}
+    for i in range(n):
+        image = rng.integers(0, 255, (3, 32, 40), dtype=np.uint8)
+        label = np.zeros((32, 40), np.uint8)
+        label[2:8, 3:12] = 1
+        label[14 + i : 28, 10:30] = 2
+        sitk.WriteImage(sitk.GetImageFromArray(image), str(base / "image_mha" / f"{i:05d}.mha"))
+        sitk.WriteImage(sitk.GetImageFromArray(label), str(base / "label_mha" / f"{i:05d}.mha"))
+        labels[f"{i:05d}"] = label
+    return labels
+
+
+def test_fpa(tmp_path):
+    truth = _fake_fpa(tmp_path / "src")
+    out = convert_fpa(tmp_path / "src", tmp_path / "fpa", n_train=2, n_val=1)
+    assert read_labels(out) == {1: "pubic_symphysis", 2: "fetal_head"}
+    splits = {s: read_split(out, s) for s in ("training", "validation", "test")}
+    assert [len(v) for v in splits.values()] == [2, 1, 2]
+    for sample in load_samples(splits["training"]):
+        pid = sample.source.split("/")[-1].removesuffix(".png")
+        assert sample.image.shape == (3, 32, 40)
+        assert np.array_equal(sample.label.numpy(), truth[pid])
+
+
+def test_jnu_ifm_splits_by_video(tmp_path):
+    src = tmp_path / "src"
+    for v in range(4):
+        video = f"2019091{v}T104520"
+        (src / video / "image").mkdir(parents=True)
+        (src / video / "mask").mkdir()
+        for f in range(3):
+            Image.fromarray(np.full((24, 30), 50 * v, np.uint8)).save(src / video / "image" / f"{video}_{f}.png")
+            mask = np.zeros((24, 30), np.uint8)
+            mask[2:6, 2:9] = 7
+            mask[10:20, 8:25] = 8
+            if f < 2:  # the last frame is unannotated
+                Image.fromarray(mask).save(src / video / "mask" / f"{video}_{f}_mask.png")
+    cmd = [
+        sys.executable,
+        "scripts/convert_jnu_ifm.py",
+        str(src),
+        str(tmp_path / "jnu"),
+        "--n-train",
+        "2",
+        "--n-val",
+        "1",
+    ]
+    subprocess.run(cmd, check=True, capture_output=True)
+    out = tmp_path / "jnu"
+    videos = {
+        s: {e["image"].split("/")[-1].rsplit("_", 1)[0] for e in read_split(out, s)}
+        for s in ("training", "validation", "test")
+    }
+    assert [len(v) for v in videos.values()] == [2, 1, 1]
+    assert not (videos["training"] & videos["test"]) and not (videos["training"] & videos["validation"])
+    sample = load_samples(read_split(out, "training"))[0]
+    assert set(np.unique(sample.label.numpy()).tolist()) == {0, 1, 2} and len(read_split(out, "training")) == 4
+
+
+def test_converters_say_which_layout_they_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="FH-PS-AOP"):
+        convert_fpa(tmp_path, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="JNU-IFM"):
+        convert_jnu_ifm(tmp_path, tmp_path / "out")
