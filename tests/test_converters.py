@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from proxyprompt.data.contract import load_samples, read_labels, read_split
-from proxyprompt.data.convert import convert_fpa, convert_jnu_ifm
+from proxyprompt.data.convert import convert_fpa, convert_jnu_ifm, convert_refuge2, convert_stare
 
 
 def _fake_fpa(root, n=5):
@@ -83,3 +83,46 @@ def test_converters_say_which_layout_they_expected(tmp_path):
         convert_fpa(tmp_path, tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="JNU-IFM"):
         convert_jnu_ifm(tmp_path, tmp_path / "out")
+
+
+def test_refuge2_pairs_masks_with_images_by_name(tmp_path):
+    src = tmp_path / "src"
+    for split in ("train", "val"):
+        (src / split / "images").mkdir(parents=True)
+        (src / split / "mask").mkdir()
+        for i in range(3):
+            stem = f"{split[0]}{i:04d}"
+            Image.fromarray(np.full((20, 24, 3), 90, np.uint8)).save(src / split / "images" / f"{stem}.jpg")
+            mask = np.full((20, 24), 255, np.uint8)
+            mask[4:16, 6:18] = 128
+            mask[8:12, 10:14] = 0
+            Image.fromarray(mask).save(src / split / "mask" / f"{stem}.bmp")
+    out = convert_refuge2(src, tmp_path / "refuge", n_train=3, n_val=1)
+    assert read_labels(out) == {1: "optic_disc", 2: "optic_cup"}
+    sample = load_samples(read_split(out, "training"))[0]
+    assert sample.label[10, 12] == 2 and sample.label[5, 7] == 1 and sample.label[0, 0] == 0
+    assert sample.label.eq(2).sum() == 16 and sample.label.eq(1).sum() == 12 * 12 - 16
+
+
+def test_stare_reads_gzipped_ppm(tmp_path):
+    import gzip
+    import io
+
+    src = tmp_path / "src"
+    (src / "stare-images").mkdir(parents=True)
+    (src / "labels-ah").mkdir()
+
+    def save_gz(array, path):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PPM")
+        path.write_bytes(gzip.compress(buf.getvalue()))
+
+    for i in range(1, 5):
+        save_gz(np.full((16, 20, 3), 30 * i, np.uint8), src / "stare-images" / f"im{i:04d}.ppm.gz")
+        vessel = np.zeros((16, 20, 3), np.uint8)
+        vessel[:, 9:11] = 255
+        save_gz(vessel, src / "labels-ah" / f"im{i:04d}.ah.ppm.gz")
+    out = convert_stare(src, tmp_path / "stare", n_train=3)
+    assert [len(read_split(out, s)) for s in ("training", "test")] == [3, 1]
+    sample = load_samples(read_split(out, "test"))[0]
+    assert sample.label.sum() == 16 * 2 and set(sample.label.unique().tolist()) == {0, 1}

@@ -127,3 +127,63 @@ def convert_jnu_ifm(src: str | Path, out: str | Path, *, n_train: int = 16, n_va
     video = {p[0]: re.sub(r"_\d+$", "", p[0]) for p in pairs}
     splits = split_ids(list(video), n_train, n_val, seed, group=video.__getitem__)
     return write_contract(out, "JNU-IFM", {1: "pubic_symphysis", 2: "fetal_head"}, pairs, splits)
+
+
+def _open_image(path: Path) -> Image.Image:
+    """PIL image from a file, gunzipping ``*.gz`` (STARE ships ``.ppm.gz``)."""
+    if path.suffix == ".gz":
+        import gzip
+        import io
+
+        with gzip.open(path) as f:
+            return Image.open(io.BytesIO(f.read()))
+    return Image.open(path)
+
+
+def convert_refuge2(src: str | Path, out: str | Path, *, n_train: int = 16, n_val: int = 4, seed: int = 0) -> Path:
+    """REFUGE / REFUGE2 fundus photographs with optic disc and cup masks.
+
+    Layout: every ``*.bmp`` mask under ``src`` (values 255 background, 128 disc rim, 0 cup) is paired with the
+    ``*.jpg`` / ``*.png`` image of the same name anywhere under ``src``; this covers the 2018 release
+    (``Training400/<class>/g0001.jpg`` + ``Annotation-Training400/Disc_Cup_Masks/<class>/g0001.bmp``) and the REFUGE2
+    folders (``<split>/images/*.jpg`` + ``<split>/mask/*.bmp``). Labels are disjoint: 1 = optic disc rim (disc minus
+    cup), 2 = optic cup; the paper's "disc" is the union of 1 and 2.
+    """
+    src = Path(src)
+    masks = {p.stem: p for p in sorted(src.rglob("*.bmp"))}
+    images = {p.stem: p for p in sorted([*src.rglob("*.jpg"), *src.rglob("*.png")]) if p.stem in masks}
+    if not images:
+        raise FileNotFoundError(
+            f"no *.bmp disc/cup mask with a same-named *.jpg/*.png under {src}: expected a REFUGE/REFUGE2 release"
+        )
+    pairs = []
+    for stem, path in images.items():
+        raw = np.array(_open_image(masks[stem]).convert("L"))
+        label = np.zeros(raw.shape, np.uint8)
+        label[raw < 64] = 2
+        label[(raw >= 64) & (raw < 192)] = 1
+        pairs.append((stem, np.array(_open_image(path).convert("RGB")), label))
+    splits = split_ids([p[0] for p in pairs], n_train, n_val, seed)
+    return write_contract(out, "REFUGE2", {1: "optic_disc", 2: "optic_cup"}, pairs, splits)
+
+
+def convert_stare(
+    src: str | Path, out: str | Path, *, n_train: int = 16, n_val: int = 0, seed: int = 0, annotator: str = "ah"
+) -> Path:
+    """STARE vessels (Hoover et al. 2000): ``im0001.ppm[.gz]`` images (the all-images archive) and
+    ``im0001.ah.ppm[.gz]`` hand labels (labels-ah; ``annotator="vk"`` for labels-vk), anywhere under ``src``."""
+    src = Path(src)
+    pattern = re.compile(r"^(im\d{4})\.ppm(\.gz)?$")
+    found = {m.group(1): p for p in sorted(src.rglob("im*")) if (m := pattern.match(p.name))}
+    labels = {p.name.split(".")[0]: p for p in sorted(src.rglob(f"im*.{annotator}.ppm*"))}
+    ids = sorted(set(found) & set(labels))
+    if not ids:
+        raise FileNotFoundError(
+            f"no imNNNN.ppm[.gz] with an imNNNN.{annotator}.ppm[.gz] label under {src}: expected the STARE archives"
+        )
+    pairs = []
+    for i in ids:
+        label = (np.array(_open_image(labels[i]).convert("L")) > 127).astype(np.uint8)
+        pairs.append((i, np.array(_open_image(found[i]).convert("RGB")), label))
+    splits = split_ids(ids, n_train, n_val, seed)
+    return write_contract(out, "STARE", {1: "vessel"}, pairs, splits)
