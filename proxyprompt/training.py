@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import Tensor
 
-from .backbones.base import Features
 from .modeling.proxy_sam import ProxyPromptSAM
 
 
@@ -22,7 +21,7 @@ class FeatureBank:
     """
 
     def __init__(self, model: ProxyPromptSAM, images: Tensor, masks: Tensor) -> None:
-        if any(p.requires_grad for p in model.backbone.model.image_encoder.parameters()):
+        if model.encoder_trains:
             raise ValueError("the image encoder trains (LoRA on the encoder): its features cannot be cached")
         if masks.shape[0] != images.shape[0] or masks.shape[-2:] != images.shape[-2:]:
             raise ValueError(f"masks {tuple(masks.shape)} do not match images {tuple(images.shape)}")
@@ -51,16 +50,10 @@ def episode_logits(
     model: ProxyPromptSAM, bank: FeatureBank, target: Sequence[int], support: Sequence[int], objects: Sequence[int]
 ) -> tuple[Tensor, Tensor]:
     """Low-res logits (B, N, h, w) for targets given a support, and the matching ground truth."""
-    sup = model.encode_prepared_support(
-        bank.x[support], bank.masks[support][:, objects], _index(bank.features, support)
-    )
-    logits = model.segment_features(_index(bank.features, target), sup)
+    sup = model.encode_prepared_support(bank.x[support], bank.masks[support][:, objects], bank.features.select(support))
+    logits = model.segment_features(bank.features.select(target), sup)
     truth = F.interpolate(bank.masks[target][:, objects], size=logits.shape[-2:], mode="area")
     return logits, (truth > 0.5).float()
-
-
-def _index(features: Features, idx: Sequence[int]) -> Features:
-    return Features(features.embed[idx], tuple(f[idx] for f in features.high_res))
 
 
 def make_optimizer(model: ProxyPromptSAM, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4):

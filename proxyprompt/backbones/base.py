@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -16,7 +17,8 @@ class Features(NamedTuple):
     embed: Tensor
     high_res: tuple[Tensor, ...] = ()
 
-    def select(self, index: slice) -> Features:
+    def select(self, index: slice | Sequence[int]) -> Features:
+        """The features of the images at ``index`` (a slice or a list of positions)."""
         return Features(self.embed[index], tuple(f[index] for f in self.high_res))
 
 

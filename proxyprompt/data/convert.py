@@ -187,3 +187,17 @@ def convert_stare(
         pairs.append((i, np.array(_open_image(found[i]).convert("RGB")), label))
     splits = split_ids(ids, n_train, n_val, seed)
     return write_contract(out, "STARE", {1: "vessel"}, pairs, splits)
+
+
+def cli(convert: Callable[..., Path], *, n_val: int = 4) -> None:
+    """Command line of a converter script: ``SRC OUT [--n-train 16] [--n-val N] [--seed 0]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=convert.__doc__)
+    parser.add_argument("src", help="the folder the release was unpacked to")
+    parser.add_argument("out", help="the data-contract folder to write")
+    parser.add_argument("--n-train", type=int, default=16)
+    parser.add_argument("--n-val", type=int, default=n_val)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(f"wrote {convert(args.src, args.out, n_train=args.n_train, n_val=args.n_val, seed=args.seed)}")

@@ -38,6 +38,11 @@ class ProxyPromptSAM(nn.Module):
         self.config = dict(config or {})
 
     # --- features ------------------------------------------------------------------------------------------------
+    @property
+    def encoder_trains(self) -> bool:
+        """Whether the image encoder has trainable (LoRA) weights; if not, its features can be cached."""
+        return any(p.requires_grad for p in self.backbone.model.image_encoder.parameters())
+
     def encode_images(self, x: Tensor) -> Features:
         """Backbone features of preprocessed images (B, 3, S, S); no autograd where the encoder has no LoRA.
 
@@ -50,7 +55,7 @@ class ProxyPromptSAM(nn.Module):
                 torch.cat([p.embed for p in parts]),
                 tuple(torch.cat(f) for f in zip(*[p.high_res for p in parts], strict=True)),
             )
-        if any(p.requires_grad for p in self.backbone.model.image_encoder.parameters()):
+        if self.encoder_trains:
             return self.backbone.encode(x)
         with torch.no_grad():
             return self.backbone.encode(x)
