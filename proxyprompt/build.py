@@ -44,8 +44,10 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # The paper: Vim-Tiny (depth 24, C_v = 192, patch onto the full feature grid), LoRA on encoder and decoder. GPU.
     "paper": Preset(),
-    # CPU: the PPG on a 16x16 grid with a 4-block Vim; the encoder stays frozen so its features can be cached.
-    "cpu": Preset(grid=16, vim_depth=4, lora_sites=("decoder",)),
+    # CPU: the PPG on a 16x16 grid; a 4-block Vim scanning an 8x8 patch grid (the scan's backward dominated a CPU
+    # step: 4 s -> 0.8 s); narrower CCM feed-forwards (9.2M parameters, 18 MB in half precision). The encoder stays
+    # frozen so its features can be cached.
+    "cpu": Preset(grid=16, vim_depth=4, vim_coarsen=2, ccm_ffn=256, lora_sites=("decoder",)),
     # Toy sizes for tests, on the tiny backbones.
     "tiny": Preset(vim_dim=16, vim_depth=1, ccm_heads=2, ccm_ffn=32, lora_rank=2, lora_sites=("encoder", "decoder")),
 }

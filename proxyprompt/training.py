@@ -1,4 +1,5 @@
-"""Episodic few-shot training on cached frozen-encoder features (presets whose image encoder has no LoRA)."""
+"""Episodic few-shot training: the training set in augmented views, its encoder features cached when the encoder is
+frozen, and the module that turns one episode into logits and ground truth."""
 
 from __future__ import annotations
 
@@ -8,55 +9,138 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.data import Dataset
 
+from .backbones.base import Features
+from .data.contract import Sample
+from .data.episodes import EpisodeDraw, EpisodeSampler, PairAugment, to_byte_range
 from .modeling.proxy_sam import ProxyPromptSAM
 
 
-class FeatureBank:
-    """Preprocessed images and masks of M subjects with their frozen-encoder features, computed once.
+class EpisodeBank:
+    """Training samples in the encoder's frame, in ``views`` augmented versions, with their features.
+
+    View 0 is the data as read; each further view is one draw of the paper's augmentation applied to every sample.
+    An episode takes its whole support set from one view (one consistent draw for all support pairs) and its target
+    from another, so that caching does not cost the augmentation its point. Where the image encoder has no LoRA its
+    features are computed once here (the `cpu` preset); otherwise they are computed per episode, with gradients.
 
     Args:
-        images: (M, 1 or 3, H, W) as loaded.  masks: (M, N, H, W) binary, one channel per object.
+        model: the ProxyPromptSAM being trained.
+        samples: labelled 2D samples (`load_samples`).
+        label_ids: the dataset's objects; masks are stored one channel per id in this order.
+        views: number of views (>= 1).
     """
 
-    def __init__(self, model: ProxyPromptSAM, images: Tensor, masks: Tensor) -> None:
-        if model.encoder_trains:
-            raise ValueError("the image encoder trains (LoRA on the encoder): its features cannot be cached")
-        if masks.shape[0] != images.shape[0] or masks.shape[-2:] != images.shape[-2:]:
-            raise ValueError(f"masks {tuple(masks.shape)} do not match images {tuple(images.shape)}")
-        self.x, geo = model.backbone.preprocess(images)
-        self.masks = model.backbone.preprocess_masks(masks, geo)  # (M, N, S, S)
-        self.features = model.encode_images(self.x)
+    def __init__(
+        self, model: ProxyPromptSAM, samples: list[Sample], label_ids: Sequence[int], *, views: int = 3, seed: int = 0
+    ) -> None:
+        if views < 1:
+            raise ValueError(f"views must be >= 1, got {views}")
+        self.label_ids = list(label_ids)
+        self.sampler = EpisodeSampler(samples, self.label_ids, num_support=1, seed=seed)
+        rng = np.random.default_rng(seed)
+        draws = [None] + [PairAugment(rng) for _ in range(views - 1)]
+        backbone = model.backbone
+        xs, ms = [], []
+        for draw in draws:
+            vx, vm = [], []
+            for s in samples:
+                img = to_byte_range(s.image)
+                masks = torch.stack([(s.label == o).float() for o in self.label_ids])
+                if draw is not None:
+                    img, masks = draw(img, masks)
+                x, geo = backbone.preprocess(img[None])
+                vx.append(x[0])
+                vm.append(backbone.preprocess_masks(masks[None], geo)[0])
+            xs.append(torch.stack(vx))
+            ms.append(torch.stack(vm))
+        self.x, self.masks = torch.stack(xs), torch.stack(ms)  # (V, M, 3, S, S), (V, M, L, S, S)
+        self.cached = not model.encoder_trains
+        self.cache = [model.encode_images(x) for x in self.x] if self.cached else None
+
+    @property
+    def views(self) -> int:
+        return self.x.shape[0]
 
     def __len__(self) -> int:
-        return len(self.x)
+        return self.x.shape[1]
+
+    def features(self, model: ProxyPromptSAM, view: int, index: list[int]) -> Features:
+        if self.cache is not None:
+            return self.cache[view].select(index)
+        return model.encode_images(self.x[view, index])
+
+    def draw(self, rng: np.random.Generator, num_support: int) -> dict:
+        """A random episode: indices, label ids and the two views (different ones where there are several)."""
+        self.sampler.num_support = num_support
+        d = self.sampler.draw(rng)
+        view_t, view_s = (int(v) for v in rng.choice(self.views, 2, replace=self.views < 2))
+        return {"target": d.target, "support": d.support, "objects": d.objects, "view_t": view_t, "view_s": view_s}
 
 
-def sample_episode(rng: np.random.Generator, size: int, num_objects: int, num_support: int):
-    """A target, ``num_support`` other subjects as its support, and a random non-empty ordered subset of objects
-    (all of them half the time), so that the model learns to segment what the support masks show."""
-    target = int(rng.integers(size))
-    others = [i for i in range(size) if i != target]
-    support = [int(i) for i in rng.choice(others, size=min(num_support, len(others)), replace=False)]
-    if rng.random() < 0.5:
-        objects = list(rng.permutation(num_objects))
-    else:
-        objects = list(rng.choice(num_objects, size=int(rng.integers(1, num_objects + 1)), replace=False))
-    return target, support, [int(o) for o in objects]
+def as_banks(bank: EpisodeBank | Sequence[EpisodeBank]) -> list[EpisodeBank]:
+    banks = [bank] if isinstance(bank, EpisodeBank) else list(bank)
+    if not banks:
+        raise ValueError("no training data: give at least one EpisodeBank")
+    return banks
 
 
-def episode_logits(
-    model: ProxyPromptSAM, bank: FeatureBank, target: Sequence[int], support: Sequence[int], objects: Sequence[int]
-) -> tuple[Tensor, Tensor]:
-    """Low-res logits (B, N, h, w) for targets given a support, and the matching ground truth."""
-    sup = model.encode_prepared_support(bank.x[support], bank.masks[support][:, objects], bank.features.select(support))
-    logits = model.segment_features(bank.features.select(target), sup)
-    truth = F.interpolate(bank.masks[target][:, objects], size=logits.shape[-2:], mode="area")
-    return logits, (truth > 0.5).float()
+class EpisodeNet(nn.Module):
+    """One episode -> (low-res logits (1, N, h, w), ground truth of the same shape). Wrapping the model in a module
+    whose ``forward`` runs a whole episode is what DistributedDataParallel needs to synchronise its gradients.
+
+    ``bank`` may be a list (several datasets, each with its own labels): an episode names its bank."""
+
+    def __init__(self, model: ProxyPromptSAM, bank: EpisodeBank | Sequence[EpisodeBank]) -> None:
+        super().__init__()
+        self.model, self.banks = model, as_banks(bank)
+
+    def forward(self, episode: dict) -> tuple[Tensor, Tensor]:
+        model, bank = self.model, self.banks[episode.get("bank", 0)]
+        channels = [bank.label_ids.index(o) for o in episode["objects"]]
+        vs, vt, support, target = episode["view_s"], episode["view_t"], episode["support"], [episode["target"]]
+        sup = model.encode_prepared_support(
+            bank.x[vs, support], bank.masks[vs, support][:, channels], bank.features(model, vs, support)
+        )
+        logits = model.segment_features(bank.features(model, vt, target), sup)
+        truth = F.interpolate(bank.masks[vt, target][:, channels], size=logits.shape[-2:], mode="area")
+        return logits, (truth > 0.5).float()
+
+    def train(self, mode: bool = True) -> EpisodeNet:
+        self.model.train(mode)
+        return self
 
 
-def make_optimizer(model: ProxyPromptSAM, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4):
+class EpisodeDataset(Dataset):
+    """``length`` random episodes per epoch for a DataLoader (``batch_size=None``); each process of a distributed run
+    draws its own (seeded by ``seed`` and ``rank``). With several banks, each episode comes from one of them, drawn
+    uniformly."""
+
+    def __init__(
+        self,
+        bank: EpisodeBank | Sequence[EpisodeBank],
+        num_support: int,
+        length: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+    ) -> None:
+        if length < 1:
+            raise ValueError(f"episodes per epoch must be >= 1, got {length}")
+        self.banks, self.num_support, self.length = as_banks(bank), num_support, length
+        self.rng = np.random.default_rng([seed, rank])
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        b = int(self.rng.integers(len(self.banks)))
+        return {**self.banks[b].draw(self.rng, self.num_support), "bank": b}
+
+
+def make_optimizer(model: nn.Module, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4):
     """The paper's optimiser: SGD, momentum 0.9, lr 0.01, weight decay 5e-4, on the trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -64,31 +148,31 @@ def make_optimizer(model: ProxyPromptSAM, lr: float = 0.01, momentum: float = 0.
 
 def train_episodes(
     model: ProxyPromptSAM,
-    bank: FeatureBank,
+    bank: EpisodeBank,
     *,
     steps: int,
     num_support: int,
     optimizer=None,
     loss_fn=None,
     seed: int = 0,
-    log_every: int = 0,
 ) -> list[float]:
-    """Train on ``steps`` random episodes, by default with the Dice loss (paper Eq. 13); returns the losses."""
+    """A plain loop over ``steps`` random episodes (the bundle's trainer runs the same step in ignite), by default
+    with the Dice loss (paper Eq. 13); returns the losses."""
+    net = EpisodeNet(model, bank)
     rng = np.random.default_rng(seed)
     optimizer = optimizer or make_optimizer(model)
     loss_fn = loss_fn or DiceLoss(sigmoid=True)
-    num_objects = bank.masks.shape[1]
     losses = []
-    model.train()
-    for step in range(steps):
-        target, support, objects = sample_episode(rng, len(bank), num_objects, num_support)
-        logits, truth = episode_logits(model, bank, [target], support, objects)
+    net.train()
+    for _ in range(steps):
+        logits, truth = net(bank.draw(rng, num_support))
         loss = loss_fn(logits, truth)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            print(f"step {step + 1}/{steps}  dice loss {np.mean(losses[-log_every:]):.3f}", flush=True)
     model.eval()
     return losses
+
+
+__all__ = ["EpisodeBank", "EpisodeDataset", "EpisodeDraw", "EpisodeNet", "make_optimizer", "train_episodes"]

@@ -11,7 +11,7 @@ from PIL import Image
 
 from proxyprompt.data.contract import Sample, load_samples, read_labels, read_split
 from proxyprompt.data.demo import write_family
-from proxyprompt.data.episodes import EpisodeSampler, PairAugment
+from proxyprompt.data.episodes import EpisodeSampler, PairAugment, subject_of
 
 
 @pytest.fixture(scope="module")
@@ -51,38 +51,46 @@ def test_bad_folders_name_the_file(tmp_path, demo):
         read_labels(bad)
 
 
-def test_support_never_contains_the_target(demo):
-    samples = load_samples(read_split(demo["ultrasound"]))
-    sampler = EpisodeSampler(samples, [1, 2], num_support=3, size=64, seed=0)
-    for _ in range(30):
-        ep = sampler.sample()
-        assert ep.target_index not in ep.support_indices and len(set(ep.support_indices)) == 3
-        n = len(ep.objects)
-        assert 1 <= n <= 2 and set(ep.objects) <= {1, 2}
-        assert ep.target.shape == (3, 64, 64) and ep.target_masks.shape == (n, 64, 64)
-        assert ep.support.shape == (3, 3, 64, 64) and ep.support_masks.shape == (3, n, 64, 64)
-        assert set(ep.support_masks.unique().tolist()) <= {0.0, 1.0}
-
-
-def test_one_augmentation_draw_for_the_whole_support_set():
-    """Two identical support pairs come out identical; the target's own draw differs."""
+def test_support_never_contains_the_target_nor_its_study(demo):
+    samples = load_samples(read_split(demo["ct"]), axis=2)
+    sampler = EpisodeSampler(samples, [1, 2, 3], num_support=3, seed=0)
     rng = np.random.default_rng(0)
-    image = torch.rand(3, 48, 48) * 255
-    mask = torch.zeros(1, 48, 48)
-    mask[:, 10:30, 15:35] = 1
-    samples = [Sample(image, mask[0].long(), f"s{i}") for i in range(3)]
-    sampler = EpisodeSampler(samples, [1], num_support=2, size=48, seed=0)
-    for _ in range(5):
-        ep = sampler.sample()
-        torch.testing.assert_close(ep.support[0], ep.support[1])
-        torch.testing.assert_close(ep.support_masks[0], ep.support_masks[1])
-        assert not torch.allclose(ep.support[0], ep.target)  # the target's draw is its own
-    outs = [PairAugment(rng)(image, mask) for _ in range(4)]
-    assert all(o.shape == image.shape and m.shape == mask.shape for o, m in outs)
-    assert any(not torch.equal(m, mask) for _, m in outs)  # a draw can be near-identity (rotation cancels shear)
+    for _ in range(50):
+        d = sampler.draw(rng)
+        study = subject_of(samples[d.target])
+        assert d.target not in d.support and len(set(d.support)) == 3
+        assert all(subject_of(samples[i]) != study for i in d.support)  # no neighbouring slice of the same volume
+        assert 1 <= len(d.objects) <= 3 and len(set(d.objects)) == len(d.objects)
+        for o in d.objects:  # every requested object is shown by some support mask
+            assert any(bool((samples[i].label == o).any()) for i in d.support)
 
 
-def test_sampler_refuses_too_few_samples():
-    s = Sample(torch.zeros(1, 8, 8), torch.zeros(8, 8, dtype=torch.long), "x")
-    with pytest.raises(ValueError, match="at least 2 samples"):
-        EpisodeSampler([s], [1], num_support=1)
+def test_one_augmentation_draw_per_view_for_the_whole_training_set():
+    """Identical samples stay identical inside a view (one draw for all), views differ, masks follow the images."""
+    from proxyprompt import build_model
+    from proxyprompt.training import EpisodeBank
+
+    model = build_model("sam_tiny", "tiny", pretrained=False)
+    image = torch.rand(3, 48, 64) * 255
+    label = torch.zeros(48, 64, dtype=torch.long)
+    label[10:30, 15:35] = 1
+    samples = [Sample(image, label, f"s{i}") for i in range(3)]
+    bank = EpisodeBank(model, samples, [1], views=3, seed=0)
+    assert bank.x.shape[:2] == (3, 3) and bank.masks.shape[:3] == (3, 3, 1)
+    for v in range(3):
+        torch.testing.assert_close(bank.x[v, 0], bank.x[v, 2])
+        torch.testing.assert_close(bank.masks[v, 0], bank.masks[v, 1])
+    assert not torch.allclose(bank.x[0, 0], bank.x[1, 0]) and not torch.allclose(bank.x[1, 0], bank.x[2, 0])
+    assert any(not torch.equal(bank.masks[0, 0], bank.masks[v, 0]) for v in (1, 2))  # a draw can be near-identity
+    rng = np.random.default_rng(0)
+    draws = [bank.draw(rng, 2) for _ in range(20)]
+    assert all(d["view_s"] != d["view_t"] for d in draws)  # the target's draw is never the support's
+    outs = [PairAugment(rng)(image, label[None].float()) for _ in range(4)]
+    assert all(o.shape == image.shape and m.shape == (1, 48, 64) for o, m in outs)
+
+
+def test_sampler_refuses_a_single_study():
+    s = Sample(torch.zeros(1, 8, 8), torch.ones(8, 8, dtype=torch.long), "vol.nii.gz#2:0")
+    t = Sample(torch.zeros(1, 8, 8), torch.ones(8, 8, dtype=torch.long), "vol.nii.gz#2:1")
+    with pytest.raises(ValueError, match="at least 2 samples from different studies"):
+        EpisodeSampler([s, t], [1], num_support=1)

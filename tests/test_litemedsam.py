@@ -7,8 +7,9 @@ import torch
 from monai.metrics import compute_dice
 
 from proxyprompt import build_model
+from proxyprompt.data.contract import Sample
 from proxyprompt.data.synthetic import two_object_set
-from proxyprompt.training import FeatureBank, train_episodes
+from proxyprompt.training import EpisodeBank, train_episodes
 
 
 def test_box_prompt_segments_a_bright_disk(litemedsam_backbone):
@@ -29,9 +30,11 @@ def test_box_prompt_segments_a_bright_disk(litemedsam_backbone):
 
 def test_ppg_learns_and_follows_the_support_mask():
     torch.manual_seed(0)
-    model = build_model("litemedsam", "cpu", vim_dim=32, vim_depth=1, ccm_heads=4, ccm_ffn=256)
+    model = build_model("litemedsam", "cpu", vim_dim=32, vim_depth=1, vim_coarsen=1, ccm_heads=4, ccm_ffn=256)
     images, masks = two_object_set(20, 128, seed=1)
-    bank = FeatureBank(model, images[:16], masks[:16])
+    labels = torch.where(masks[:, 0] > 0, 1, torch.where(masks[:, 1] > 0, 2, 0))
+    samples = [Sample(images[i], labels[i], f"subject{i}") for i in range(16)]
+    bank = EpisodeBank(model, samples, [1, 2], views=1)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = train_episodes(model, bank, steps=150, num_support=2, optimizer=optimizer)
     assert np.mean(losses[-20:]) < np.mean(losses[:20])

@@ -50,8 +50,9 @@ def read_split(folder: str | Path, split: str = "training") -> list[dict[str, st
     return items
 
 
-def load_samples(items: list[dict[str, str]], *, axis: int = 2) -> list[Sample]:
-    """Read image/label pairs into 2D samples; 3D volumes are sliced along ``axis`` (slices with an object only)."""
+def load_samples(items: list[dict[str, str]], *, axis: int = 2, max_slices: int | None = None) -> list[Sample]:
+    """Read image/label pairs into 2D samples; 3D volumes are sliced along ``axis`` (slices with an object only;
+    at most ``max_slices`` of them per volume, evenly spaced, when given)."""
     loader = LoadImage(image_only=True, ensure_channel_first=True)
     samples = []
     for item in items:
@@ -69,8 +70,12 @@ def load_samples(items: list[dict[str, str]], *, axis: int = 2) -> list[Sample]:
             # LoadImage reads PNGs as (C, W, H): transpose so that H is rows as in the file
             samples.append(Sample(image.transpose(-1, -2), label.T, str(item["image"])))
             continue
-        for z in range(label.shape[axis]):
-            sl = label.select(axis, z)
-            if sl.any():
-                samples.append(Sample(image.select(axis + 1, z), sl, f"{item['image']}#{axis}:{z}"))
+        if not 0 <= axis < label.dim():
+            raise ValueError(f"axis must be in 0..{label.dim() - 1} for {item['image']}, got {axis}")
+        dims = [d for d in range(label.dim()) if d != axis]
+        zs = [z for z in range(label.shape[axis]) if label.select(axis, z).any()] if dims else []
+        if max_slices is not None and len(zs) > max_slices:
+            zs = [zs[int(i)] for i in np.linspace(0, len(zs) - 1, max_slices).round()]
+        for z in zs:
+            samples.append(Sample(image.select(axis + 1, z), label.select(axis, z), f"{item['image']}#{axis}:{z}"))
     return samples

@@ -1,8 +1,8 @@
 """Few-shot episodes: a target and K support pairs from other subjects, with N objects chosen per episode.
 
 Augmentation follows the paper (Sec. 4.2): brightness, contrast and saturation within +-0.1, rotation up to 15
-degrees, shear up to 10 degrees; one draw is applied to every support image and mask of an episode, the target gets
-its own draw.
+degrees, shear up to 10 degrees. One draw is applied to every support image and mask of an episode; the target gets
+its own draw (see `proxyprompt.training.EpisodeBank`, which precomputes the draws as views of the training set).
 """
 
 from __future__ import annotations
@@ -11,25 +11,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from monai.transforms import RandAffine, Resize
+from monai.transforms import RandAffine
+from monai.utils import convert_to_tensor
 from torch import Tensor
 
 from .contract import Sample
-
-
-@dataclass(frozen=True)
-class Episode:
-    """target (C, H, W), target_masks (N, H, W), support (K, C, H, W), support_masks (K, N, H, W), objects: label ids
-    in mask order, indices of the target and support samples."""
-
-    target: Tensor
-    target_masks: Tensor
-    support: Tensor
-    support_masks: Tensor
-    objects: list[int]
-    target_index: int
-    support_indices: list[int]
 
 
 class PairAugment:
@@ -54,77 +40,75 @@ class PairAugment:
             x = (x - grey) * (1 + self.saturation) + grey
         x = self.affine(x.clamp(0, 255), mode="bilinear", randomize=False)
         m = self.affine(masks.float(), mode="nearest", randomize=False)
-        return torch.as_tensor(x).float(), (torch.as_tensor(m) > 0.5).float()
+        x, m = convert_to_tensor(x, track_meta=False), convert_to_tensor(m, track_meta=False)
+        return x.float(), (m > 0.5).float()
+
+
+def to_byte_range(image: Tensor) -> Tensor:
+    """(C, H, W) as read -> float in [0, 255], 3 channels; values outside [0, 255] (CT in HU) are min-max scaled."""
+    img = image.float()
+    lo, hi = img.min(), img.max()
+    if lo < 0 or hi > 255:
+        img = (img - lo) / (hi - lo).clamp_min(1e-8) * 255
+    return img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
+
+
+def subject_of(sample: Sample) -> str:
+    """The study a sample comes from: slices of one volume share it (``path#axis:index`` -> ``path``)."""
+    return sample.source.split("#", 1)[0]
+
+
+@dataclass(frozen=True)
+class EpisodeDraw:
+    """Indices of the target and its supports, and the label ids to segment, in mask order."""
+
+    target: int
+    support: list[int]
+    objects: list[int]
 
 
 class EpisodeSampler:
-    """Draws episodes from 2D samples resized to one size.
+    """Draws episodes over labelled 2D samples.
+
+    The support never comes from the target's own study (slices of one volume are one study), and the objects are
+    a random ordered subset of those the target and the support show (all of them half the time), so the model learns
+    to segment what the support masks show.
 
     Args:
-        samples: from `load_samples`; images are rescaled to [0, 255] per sample and made 3-channel.
+        samples: from `load_samples`.
         label_ids: the objects the dataset defines.
-        num_support: K (the paper trains with M - 1 supports for M training pairs).
-        size: side every sample is resized to (the backbone's input size).
-        augment: apply `PairAugment`.
+        num_support: K (the paper trains with M - 1 supports for M training pairs); fewer when fewer studies exist.
     """
 
-    def __init__(
-        self,
-        samples: list[Sample],
-        label_ids: list[int],
-        num_support: int,
-        *,
-        size: int = 256,
-        augment: bool = True,
-        seed: int = 0,
-    ) -> None:
-        if len(samples) < 2:
-            raise ValueError(f"episodes need at least 2 samples (a target and a support), got {len(samples)}")
+    def __init__(self, samples: list[Sample], label_ids: list[int], num_support: int, *, seed: int = 0) -> None:
+        subjects = [subject_of(s) for s in samples]
+        if len(set(subjects)) < 2:
+            raise ValueError(
+                f"episodes need at least 2 samples from different studies (a target and a support), got "
+                f"{len(samples)} sample(s) from {len(set(subjects))} study(ies)"
+            )
         if num_support < 1:
             raise ValueError(f"num_support must be >= 1, got {num_support}")
-        self.num_support = min(num_support, len(samples) - 1)
-        self.label_ids, self.augment = list(label_ids), augment
+        self.subjects, self.label_ids = subjects, list(label_ids)
+        self.shows = [{o for o in self.label_ids if bool((s.label == o).any())} for s in samples]
+        self.num_support = num_support
         self.rng = np.random.default_rng(seed)
-        resize_img, resize_lbl = Resize((size, size), mode="bilinear"), Resize((size, size), mode="nearest")
-        self.images, self.labels = [], []
-        for s in samples:
-            img = s.image.float()
-            lo, hi = img.min(), img.max()
-            img = (img - lo) / (hi - lo).clamp_min(1e-8) * 255 if (lo < 0 or hi > 255) else img
-            img = img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
-            self.images.append(torch.as_tensor(resize_img(img)).float())
-            self.labels.append(torch.as_tensor(resize_lbl(s.label[None].float()))[0].long())
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.subjects)
 
-    def sample(self) -> Episode:
-        rng = self.rng
+    def draw(self, rng: np.random.Generator | None = None) -> EpisodeDraw:
+        rng = rng or self.rng
         target = int(rng.integers(len(self)))
-        support = [
-            int(i) for i in rng.choice([i for i in range(len(self)) if i != target], self.num_support, replace=False)
-        ]
-        present = [
-            o
-            for o in self.label_ids
-            if bool((self.labels[target] == o).any()) and any(bool((self.labels[i] == o).any()) for i in support)
-        ]
-        if not present:  # e.g. a 3D slice with one organ only: fall back to what the target shows
-            present = [o for o in self.label_ids if bool((self.labels[target] == o).any())] or self.label_ids[:1]
+        others = [i for i in range(len(self)) if self.subjects[i] != self.subjects[target]]
+        support = [int(i) for i in rng.choice(others, min(self.num_support, len(others)), replace=False)]
+        shown = set().union(*(self.shows[i] for i in support))
+        present = [o for o in self.label_ids if o in self.shows[target] and o in shown]
+        if not present:  # e.g. a slice whose organ no support shows: ask for what the support shows
+            present = [o for o in self.label_ids if o in shown] or self.label_ids[:1]
         if rng.random() < 0.5:
             objects = [present[i] for i in rng.permutation(len(present))]
         else:
             k = int(rng.integers(1, len(present) + 1))
             objects = [present[i] for i in rng.choice(len(present), k, replace=False)]
-
-        def masks(i: int) -> Tensor:
-            return torch.stack([(self.labels[i] == o).float() for o in objects])  # (N, H, W)
-
-        t_img, t_masks = self.images[target], masks(target)
-        s_imgs, s_masks = [self.images[i] for i in support], [masks(i) for i in support]
-        if self.augment:
-            t_img, t_masks = PairAugment(rng)(t_img, t_masks)
-            shared = PairAugment(rng)  # one draw for the whole support set
-            pairs = [shared(img, m) for img, m in zip(s_imgs, s_masks, strict=True)]
-            s_imgs, s_masks = [p[0] for p in pairs], [p[1] for p in pairs]
-        return Episode(t_img, t_masks, torch.stack(s_imgs), torch.stack(s_masks), objects, target, support)
+        return EpisodeDraw(target, support, objects)

@@ -37,6 +37,12 @@ class ProxyPromptSAM(nn.Module):
         self.backbone, self.generator = backbone, generator
         self.config = dict(config or {})
 
+    def train(self, mode: bool = True) -> ProxyPromptSAM:
+        """Only the PPG switches mode: the frozen backbone keeps its pretrained normalisation statistics."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
     # --- features ------------------------------------------------------------------------------------------------
     @property
     def encoder_trains(self) -> bool:

@@ -1,0 +1,358 @@
+"""What the bundle's configs build: the support set of a data-contract folder, the episodic trainer and the few-shot
+evaluator on MONAI's ignite engines, the PPG checkpoint and metrics handlers, and folder inference that keeps each
+input's size and geometry."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+from monai.data import MetaTensor
+from monai.engines import SupervisedEvaluator
+from monai.metrics import compute_dice
+from monai.transforms import LoadImage, SaveImage
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .checkpoint import save_ppg
+from .data.contract import Sample, load_samples, read_labels, read_split
+from .data.episodes import subject_of, to_byte_range
+from .modeling.generator import SupportEmbedding
+from .modeling.proxy_sam import ProxyPromptSAM
+
+logger = logging.getLogger("proxyprompt")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".nrrd", ".mha", ".dcm")
+COLORS = np.array([[255, 60, 60], [60, 160, 255], [80, 220, 80], [250, 210, 40], [200, 80, 220]], np.float32)
+
+
+def select_objects(labels: dict[int, str], objects: Sequence[str] | str | None, where: str) -> dict[int, str]:
+    """The label ids and names to segment: all of ``labels`` when ``objects`` is None, else those named (in that
+    order). Unknown names raise ValueError naming ``where`` and the known names."""
+    if objects is None:
+        return dict(labels)
+    names = [objects] if isinstance(objects, str) else list(objects)
+    if not names:
+        raise ValueError(f"objects is empty: name at least one of {sorted(labels.values())} (or null for all)")
+    by_name = {v: k for k, v in labels.items()}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"objects {unknown} are not labels of {where}; its labels are {sorted(by_name)}")
+    return {by_name[n]: n for n in names}
+
+
+def split_samples(folder: str | Path, split: str, *, axis: int = 2, max_slices: int | None = None) -> list[Sample]:
+    """The 2D samples of one split of a data-contract folder; an empty split is an error naming it."""
+    samples = load_samples(read_split(folder, split), axis=axis, max_slices=max_slices)
+    if not samples:
+        raise ValueError(f"{Path(folder) / 'dataset.json'}: the {split!r} list has no labelled image")
+    return samples
+
+
+class SupportSet:
+    """K labelled pairs of a data-contract folder's ``training`` list that show the requested objects.
+
+    Pairs that show every requested object are preferred, one per study first (slices of one volume are one study),
+    in a random order fixed by ``seed``.
+
+    Args:
+        folder: a data-contract folder.
+        num_support: K.
+        objects: label names to segment (None: all of the folder's labels).
+        axis: slicing axis for 3D studies.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        num_support: int,
+        *,
+        objects: Sequence[str] | str | None = None,
+        axis: int = 2,
+        seed: int = 0,
+        split: str = "training",
+    ) -> None:
+        if num_support < 1:
+            raise ValueError(f"num_support must be >= 1, got {num_support}")
+        self.folder = Path(folder)
+        self.objects = select_objects(read_labels(folder), objects, str(self.folder / "dataset.json"))
+        samples = split_samples(folder, split, axis=axis)
+        ids = list(self.objects)
+        shows = [{o for o in ids if bool((s.label == o).any())} for s in samples]
+        rng = np.random.default_rng(seed)
+        order = [int(i) for i in rng.permutation(len(samples))]
+        order.sort(key=lambda i: -len(shows[i]))  # stable: most objects first, random among equals
+        chosen, studies = [], set()
+        for i in order:  # one pair per study first
+            if len(chosen) < num_support and subject_of(samples[i]) not in studies and shows[i]:
+                chosen.append(i)
+                studies.add(subject_of(samples[i]))
+        chosen += [i for i in order if i not in chosen and shows[i]][: num_support - len(chosen)]
+        missing = [self.objects[o] for o in ids if not any(o in shows[i] for i in chosen)]
+        if missing:
+            raise ValueError(
+                f"{self.folder / 'dataset.json'}: no {split} pair shows {missing}, so the support set cannot show "
+                f"what to segment; label it in at least one pair or leave it out of objects"
+            )
+        self.samples = [samples[i] for i in chosen]
+
+    @property
+    def label_ids(self) -> list[int]:
+        return list(self.objects)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.objects.values())
+
+    def sources(self) -> list[str]:
+        return [s.source for s in self.samples]
+
+    def encode(self, model: ProxyPromptSAM) -> SupportEmbedding:
+        """Encode the pairs (each brought into the encoder's frame on its own, so sizes may differ)."""
+        backbone, xs, ms = model.backbone, [], []
+        for s in self.samples:
+            x, geo = backbone.preprocess(to_byte_range(s.image)[None])
+            masks = torch.stack([(s.label == o).float() for o in self.label_ids])
+            xs.append(x)
+            ms.append(backbone.preprocess_masks(masks[None], geo))
+        x, m = torch.cat(xs), torch.cat(ms)
+        with torch.no_grad():
+            return model.encode_prepared_support(x, m, model.encode_images(x))
+
+
+class TargetDataset(Dataset):
+    """The labelled targets of one split: dicts of image (C, H, W) in [0, 255], label (N, H, W) one channel per
+    requested object, and source. Use with ``DataLoader(batch_size=None)``."""
+
+    def __init__(self, folder: str | Path, label_ids: Sequence[int], *, split: str = "test", axis: int = 2) -> None:
+        self.samples, self.label_ids = split_samples(folder, split, axis=axis), list(label_ids)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        s = self.samples[index]
+        label = torch.stack([(s.label == o).float() for o in self.label_ids])
+        return {"image": to_byte_range(s.image), "label": label, "source": s.source}
+
+
+# --- engines -------------------------------------------------------------------------------------------------------
+def episode_step(engine: Engine, episode: dict) -> dict:
+    """The trainer's iteration (``iteration_update`` of MONAI's SupervisedTrainer): one episode, one SGD step."""
+    engine.network.train()
+    logits, truth = engine.network(episode)
+    loss = engine.loss_function(logits, truth)
+    engine.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    engine.optimizer.step()
+    return {"pred": logits.detach(), "label": truth, "loss": loss.detach()}
+
+
+class FewShotEvaluator(SupervisedEvaluator):
+    """Segments every target of ``val_data_loader`` from one support set, encoded once per run with the weights of
+    that moment. Outputs per target: image, pred and label (1, N, H, W) binary, source."""
+
+    def __init__(self, *, network: ProxyPromptSAM, support: SupportSet, **kwargs) -> None:
+        kwargs.setdefault("decollate", False)
+        super().__init__(network=network, **kwargs)
+        self.support = support
+        self.add_event_handler(Events.EPOCH_STARTED, self._encode_support)
+
+    def _encode_support(self, engine: Engine) -> None:
+        self.network.eval()
+        engine.state.support = self.support.encode(self.network)
+
+    def _iteration(self, engine: Engine, batchdata: dict) -> dict:
+        with torch.no_grad():
+            logits = self.network.segment(batchdata["image"][None].to(engine.state.device), engine.state.support)
+        pred = (logits > 0).float().cpu()
+        return {
+            "image": batchdata["image"],
+            "pred": pred,
+            "label": batchdata["label"][None],
+            "source": batchdata["source"],
+        }
+
+
+def is_main_process() -> bool:
+    return not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0
+
+
+class SavePPG:
+    """Writes the PPG + LoRA weights (`save_ppg`, never the frozen backbone): ``model.pt`` whenever the evaluator's
+    key metric improves and ``model_final.pt`` when training completes. Only the first process of a distributed run
+    writes."""
+
+    def __init__(self, model: ProxyPromptSAM, output_dir: str | Path, *, half: bool = False) -> None:
+        self.model, self.dir, self.half = model, Path(output_dir), half
+
+    def attach(self, engine: Engine) -> None:
+        if isinstance(engine, SupervisedEvaluator):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._best)
+        else:
+            engine.add_event_handler(Events.COMPLETED, self._final)
+
+    def _best(self, engine: Engine) -> None:
+        if is_main_process() and engine.state.best_metric_epoch == engine.state.epoch:
+            path = save_ppg(self.model, self.dir / "model.pt", half=self.half)
+            logger.info(f"best {engine.state.key_metric_name} {engine.state.best_metric:.4f}: wrote {path}")
+
+    def _final(self, engine: Engine) -> None:
+        if is_main_process():
+            logger.info(f"wrote {save_ppg(self.model, self.dir / 'model_final.pt', half=self.half)}")
+
+
+def overlay(image: Tensor, masks: Tensor) -> np.ndarray:
+    """(C, H, W) image in [0, 255], (N, H, W) binary masks -> (H, W, 3) uint8 with translucent coloured masks."""
+    out = to_byte_range(image).permute(1, 2, 0).numpy().astype(np.float32).copy()
+    for n, m in enumerate(masks.cpu().numpy().astype(bool)):
+        out[m] = 0.5 * out[m] + 0.5 * COLORS[n % len(COLORS)]
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def _safe_name(source: str) -> str:
+    name, _, where = source.partition("#")
+    stem = Path(name).name.split(".")[0]
+    return stem + ("_" + where.replace(":", "_") if where else "")
+
+
+class DiceReport:
+    """Dice per object and their mean over an evaluation run: writes ``metrics.json``
+    (``{"dice": {name: value}, "mean_dice": value, "targets": count}``) and, for the first ``max_overlays`` targets,
+    overlay PNGs (image | ground truth | prediction). A target that does not show an object does not count for
+    that object's Dice."""
+
+    def __init__(self, names: Sequence[str], output_dir: str | Path, *, max_overlays: int = 16) -> None:
+        self.names, self.dir, self.max_overlays = list(names), Path(output_dir), max_overlays
+        self.scores: list[Tensor] = []
+        self.metrics: dict = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.scores.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _iteration(self, engine: Engine) -> None:
+        out = engine.state.output
+        self.scores.append(compute_dice(out["pred"], out["label"], ignore_empty=True)[0])
+        if len(self.scores) <= self.max_overlays:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            img = out["image"]
+            row = [overlay(img, torch.zeros_like(out["label"][0])), overlay(img, out["label"][0])]
+            row.append(overlay(img, out["pred"][0]))
+            Image.fromarray(np.concatenate(row, axis=1)).save(self.dir / f"overlay_{_safe_name(out['source'])}.png")
+
+    def _write(self, engine: Engine) -> None:
+        scores = torch.stack(self.scores)  # (targets, N), NaN where the target lacks the object
+        dice = {n: float(scores[:, i][~scores[:, i].isnan()].mean()) for i, n in enumerate(self.names)}
+        self.metrics = {"dice": dice, "mean_dice": float(np.nanmean(list(dice.values()))), "targets": len(scores)}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
+        for n, v in dice.items():
+            logger.info(f"Dice {n}: {v:.3f}")
+        logger.info(f"mean Dice: {self.metrics['mean_dice']:.3f}  ({len(scores)} targets) -> {self.dir}")
+
+
+# --- inference -----------------------------------------------------------------------------------------------------
+def list_inputs(input_dir: str | Path) -> list[Path]:
+    """Image files and DICOM series folders directly in ``input_dir``."""
+    folder = Path(input_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"input_dir {folder} is not a folder")
+    found = sorted(
+        p for p in folder.iterdir() if (p.is_dir() and any(p.iterdir())) or (p.is_file() and not p.name.startswith("."))
+    )
+    if not found:
+        raise ValueError(f"input_dir {folder} is empty: expected images ({', '.join(IMAGE_SUFFIXES)}) or DICOM series")
+    return found
+
+
+def _suffix(path: Path) -> str:
+    return ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix.lower()
+
+
+class FolderSegmenter:
+    """Segments every image or volume of a folder from one support set, encoded once.
+
+    Writes one label map per input into ``output_dir``, named after the input, with its size and geometry (the
+    input's affine); values are the support's label ids. 2D images keep their format (PNG/JPG inputs give PNG);
+    volumes are segmented slice by slice along ``axis`` and written as NIfTI. An input that cannot be read or
+    segmented is reported and skipped; the others are still written.
+    """
+
+    def __init__(self, model: ProxyPromptSAM, support: SupportSet, *, axis: int = 2, chunk: int = 8) -> None:
+        self.model, self.support, self.axis, self.chunk = model, support, axis, chunk
+        self.loader = LoadImage(image_only=True, ensure_channel_first=True)
+
+    def __call__(self, input_dir: str | Path, output_dir: str | Path) -> dict:
+        inputs = list_inputs(input_dir)
+        self.model.eval()
+        embedding = self.support.encode(self.model)
+        logger.info(f"support: {len(self.support.samples)} pairs {self.support.names} from {self.support.folder}")
+        written, failed = {}, {}
+        for path in inputs:
+            try:
+                written[str(path)] = str(self.segment_file(path, Path(output_dir), embedding))
+                logger.info(f"{path.name} -> {written[str(path)]}")
+            except Exception as err:  # one bad input must not stop the batch
+                failed[str(path)] = f"{type(err).__name__}: {err}"
+                logger.error(f"skipped {path}: {failed[str(path)]}")
+        report = {"written": written, "failed": failed, "objects": self.support.objects}
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "inference_report.json").write_text(json.dumps(report, indent=2, default=str))
+        if not written:
+            raise RuntimeError(f"no input of {input_dir} could be segmented: {failed}")
+        return report
+
+    def segment_file(self, path: Path, output_dir: Path, embedding: SupportEmbedding) -> Path:
+        try:
+            image = self.loader(str(path))
+        except Exception as err:
+            raise ValueError(f"{path} is not a readable image or DICOM series ({err})") from err
+        spatial = image.shape[1:]
+        if len(spatial) == 2:  # readers give (W, H) for 2D files: work in file orientation (H, W) as training does
+            label = self.segment_slices(image.as_tensor().transpose(-1, -2)[None], embedding)[0].T
+        elif len(spatial) == 3:
+            if not 0 <= self.axis <= 2:
+                raise ValueError(f"axis must be 0, 1 or 2 for a volume, got {self.axis}")
+            slices = image.as_tensor().movedim(self.axis + 1, 0)  # (Z, C, a, b)
+            label = self.segment_slices(slices, embedding).movedim(0, self.axis)
+        else:
+            raise ValueError(f"{path}: expected a 2D image or a 3D volume, got spatial shape {tuple(spatial)}")
+        ext = _suffix(path) if _suffix(path) in (".nii", ".nii.gz", ".nrrd", ".mha") else ".nii.gz"
+        if len(spatial) == 2 and _suffix(path) in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+            ext = ".png"
+        out = MetaTensor(label[None].to(torch.uint8), meta=image.meta)
+        name = path.name[: -len(_suffix(path))] if path.is_file() else path.name
+        out.meta["filename_or_obj"] = str(output_dir / name)
+        saver = SaveImage(
+            output_dir=output_dir,
+            output_postfix="",
+            output_ext=ext,
+            output_dtype=np.uint8,
+            resample=False,
+            separate_folder=False,
+            print_log=False,
+        )
+        saver(out)
+        return output_dir / f"{name}{ext}"
+
+    def segment_slices(self, slices: Tensor, embedding: SupportEmbedding) -> Tensor:
+        """(Z, C, H, W) -> (Z, H, W) label map: at each pixel the label id of the most confident object with a
+        positive logit, 0 where none is."""
+        ids = torch.tensor([0, *self.support.label_ids], dtype=torch.uint8)
+        out = []
+        for start in range(0, len(slices), self.chunk):
+            part = torch.stack([to_byte_range(s) for s in slices[start : start + self.chunk]])
+            with torch.no_grad():
+                logits = self.model.segment(part, embedding).cpu()  # (z, N, H, W)
+            best = logits.max(dim=1)
+            out.append(ids[torch.where(best.values > 0, best.indices + 1, 0)])
+        return torch.cat(out)
