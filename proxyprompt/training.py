@@ -3,6 +3,7 @@ frozen, and the module that turns one episode into logits and ground truth."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -66,6 +67,18 @@ class EpisodeBank:
 
     def __len__(self) -> int:
         return self.x.shape[1]
+
+    def subset(self, index: list[int]) -> EpisodeBank:
+        """The same bank restricted to the samples at ``index``, without encoding anything again."""
+        sub = copy.copy(self)
+        sub.x, sub.masks = self.x[:, index], self.masks[:, index]
+        sub.cache = [f.select(index) for f in self.cache] if self.cache is not None else None
+        sub.sampler = copy.copy(self.sampler)
+        sub.sampler.subjects = [self.sampler.subjects[i] for i in index]
+        sub.sampler.shows = [self.sampler.shows[i] for i in index]
+        if len(set(sub.sampler.subjects)) < 2:
+            raise ValueError(f"a subset of {len(index)} sample(s) from one study cannot make episodes")
+        return sub
 
     def features(self, model: ProxyPromptSAM, view: int, index: list[int]) -> Features:
         if self.cache is not None:

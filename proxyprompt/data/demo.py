@@ -41,32 +41,37 @@ def _ellipse(yy, xx, cy, cx, ry, rx, angle=0.0):
 
 
 def fundus(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """RGB fundus-like image (H, W, 3) uint8 and label map (H, W): 1 disc rim, 2 cup, 3 vessels."""
+    """RGB fundus-like image (H, W, 3) uint8 and label map (H, W): 1 disc rim, 2 cup, 3 vessels.
+
+    The view is a region of interest around the optic disc, as disc/cup segmentation works on (REFUGE-style crops):
+    the disc spans about a third of the image, vessels leave it towards the border.
+    """
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
-    field = _ellipse(yy, xx, size / 2, size / 2, 0.47 * size, 0.47 * size)
-    cy, cx = rng.uniform(0.35, 0.65) * size, rng.choice([0.3, 0.7]) * size + rng.uniform(-0.05, 0.05) * size
-    rd = rng.uniform(0.07, 0.1) * size
+    field = np.ones((size, size), bool)
+    cy, cx = rng.uniform(0.4, 0.6) * size, rng.uniform(0.4, 0.6) * size
+    rd = rng.uniform(0.15, 0.2) * size
     disc = _ellipse(yy, xx, cy, cx, rd * rng.uniform(1.0, 1.15), rd, rng.uniform(-0.3, 0.3))
     cup = _ellipse(
         yy,
         xx,
-        cy + rng.uniform(-2, 2),
-        cx + rng.uniform(-2, 2),
+        cy + rng.uniform(-0.1, 0.1) * rd,
+        cx + rng.uniform(-0.1, 0.1) * rd,
         rd * rng.uniform(0.35, 0.6),
         rd * rng.uniform(0.35, 0.55),
     )
     vessels = np.zeros((size, size), bool)
     for _ in range(int(rng.integers(5, 8))):  # branching random walks leaving the disc
-        stack = [(cy, cx, rng.uniform(0, 2 * np.pi), rng.uniform(2.0, 3.2), 0)]
+        stack = [(cy, cx, rng.uniform(0, 2 * np.pi), rng.uniform(5.0, 7.5), 0)]
         while stack:
             y, x, theta, width, depth = stack.pop()
-            for _step in range(int(rng.integers(25, 45))):
-                theta += rng.normal(0, 0.12)
-                y, x = y + 2 * np.sin(theta), x + 2 * np.cos(theta)
+            step = max(1.0, 0.5 * width)  # steps shorter than the width: a continuous vessel
+            for _step in range(int(rng.integers(50, 90) / step)):
+                theta += rng.normal(0, 0.12) * np.sqrt(step / 4)
+                y, x = y + step * np.sin(theta), x + step * np.cos(theta)
                 if not (0 <= y < size and 0 <= x < size):
                     break
                 vessels |= (yy - y) ** 2 + (xx - x) ** 2 <= (width / 2) ** 2
-            if depth < 2 and width > 1.4:
+            if depth < 2 and width > 3:
                 stack += [(y, x, theta + s * rng.uniform(0.3, 0.7), width * 0.7, depth + 1) for s in (-1, 1)]
     vessels &= field & ~_ellipse(yy, xx, cy, cx, 0.5 * rd, 0.5 * rd)
     label = np.zeros((size, size), np.uint8)
@@ -75,7 +80,7 @@ def fundus(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray, np.nd
     label[vessels] = 3
     label[~field] = 0
 
-    shade = 1 - 0.35 * (((yy - size / 2) ** 2 + (xx - size / 2) ** 2) / (0.47 * size) ** 2)
+    shade = 1 - 0.25 * (((yy - cy) ** 2 + (xx - cx) ** 2) / (0.7 * size) ** 2)
     base = np.array([rng.uniform(150, 200), rng.uniform(60, 90), rng.uniform(20, 40)])
     img = base[None, None] * (shade * (1 + 0.08 * _blur(rng, (size, size), 16)))[..., None]
     img[disc] = img[disc] * 0.4 + np.array([245, 200, 140]) * 0.6
