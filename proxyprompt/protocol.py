@@ -89,7 +89,8 @@ class Protocol:
         self.prepare(model)
         bank = self.bank.subset(list(range(min(m, len(self.bank)))))
         k = min(self.s.train_support, m - 1)
-        train_episodes(model, bank, steps=self.s.steps, num_support=k, optimizer=make_optimizer(model), seed=self.s.seed)
+        optimizer = make_optimizer(model)
+        train_episodes(model, bank, steps=self.s.steps, num_support=k, optimizer=optimizer, seed=self.s.seed)
         return model
 
     def support_draw(self, pool: int, g: int, draw: int) -> list[int]:
@@ -200,7 +201,9 @@ class Protocol:
                 "|" + "---|" * (len(gs) + 1),
             ]
             for m in ms:
-                vals = [f"{np.mean(cells[m, g]):.3f} +- {np.std(cells[m, g]):.3f}" if (m, g) in cells else "-" for g in gs]
+                vals = [
+                    f"{np.mean(cells[m, g]):.3f} +- {np.std(cells[m, g]):.3f}" if (m, g) in cells else "-" for g in gs
+                ]
                 lines.append(f"| {m} | " + " | ".join(vals) + " |")
             fig, ax = plt.subplots(figsize=(5, 3.5))
             for m in ms:
