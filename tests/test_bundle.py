@@ -215,3 +215,15 @@ def test_shipped_default_weights_load_into_the_default_model():
     assert path.stat().st_size < 20 * 2**20
     model = build_model("litemedsam", "cpu", ppg_checkpoint=path)
     assert model.config["backbone"] == "litemedsam"
+
+
+def test_volume_support_segments_2d_targets_of_another_size(demo, tmp_path, tiny_model):
+    """A 3D support (slices of CT-like volumes) and 2D targets of another size: each is brought into the encoder's
+    frame on its own, so this is allowed; the output keeps the target's size."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 90), dtype=np.uint8)).save(inputs / "x.png")
+    report = FolderSegmenter(tiny_model, SupportSet(demo["ct"], 2, objects=["kidney"]))(inputs, tmp_path / "out")
+    assert not report["failed"]
+    out = np.array(Image.open(tmp_path / "out" / "x.png"))
+    assert out.shape == (50, 90) and set(np.unique(out).tolist()) <= {0, 3}
