@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,6 @@ class Settings:
     support_sizes: tuple[int, ...] = (1, 2, 4, 8)
     studies: tuple[str, ...] = ("table1", "table2", "fig7", "fig4")
     seed: int = 0
-    results: dict = field(default_factory=dict)
 
 
 class Protocol:
@@ -64,6 +63,7 @@ class Protocol:
         self.test_samples = split_samples(s.dataset, "test")
         self.bank: EpisodeBank | None = None
         self.test_cache: list | None = None
+        self.results: dict = {}
 
     def model(self, **overrides) -> ProxyPromptSAM:
         torch.manual_seed(self.s.seed)
@@ -71,15 +71,16 @@ class Protocol:
 
     # --- data ------------------------------------------------------------------------------------------------------
     def prepare(self, model: ProxyPromptSAM) -> None:
-        """The training bank and the test targets' features, computed once where the encoder is frozen."""
-        if self.bank is not None and self.bank.cached:
+        """The training bank and the test targets, once for the protocol (with their encoder features where the
+        encoder is frozen; otherwise features are computed per model)."""
+        if self.bank is not None:
             return
         t = time.time()
         self.bank = EpisodeBank(model, self.train_samples, self.ids, views=self.s.views, seed=self.s.seed)
         self.test_cache = []
         for s in self.test_samples:
             x, geo = model.backbone.preprocess(to_byte_range(s.image)[None])
-            labels = torch.stack([(s.label == o).float() for o in self.ids])[None]
+            labels = s.masks(self.ids)[None]
             self.test_cache.append((x, geo, model.encode_images(x) if self.bank.cached else None, labels))
         print(f"encoded {len(self.train_samples)} training x {self.s.views} views and "
               f"{len(self.test_samples)} test images in {time.time() - t:.0f} s", flush=True)  # fmt: skip
@@ -119,7 +120,7 @@ class Protocol:
 
     # --- studies ---------------------------------------------------------------------------------------------------
     def run(self) -> dict:
-        s, res = self.s, self.s.results
+        s, res = self.s, self.results
         m_full = len(self.train_samples)
         main = None
         bar = tqdm(total=len(s.studies), desc="studies")
@@ -158,7 +159,7 @@ class Protocol:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        s, res = self.s, self.s.results
+        s, res = self.s, self.results
         s.out.mkdir(parents=True, exist_ok=True)
         (s.out / "results.json").write_text(json.dumps(res, indent=2))
         lines = [

@@ -13,9 +13,9 @@ from monai.losses import DiceLoss
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .backbones.base import Features
+from .backbones.base import Backbone, Features
 from .data.contract import Sample
-from .data.episodes import EpisodeDraw, EpisodeSampler, PairAugment, to_byte_range
+from .data.episodes import EpisodeSampler, PairAugment, to_byte_range
 from .modeling.proxy_sam import ProxyPromptSAM
 
 
@@ -48,13 +48,12 @@ class EpisodeBank:
         for draw in draws:
             vx, vm = [], []
             for s in samples:
-                img = to_byte_range(s.image)
-                masks = torch.stack([(s.label == o).float() for o in self.label_ids])
+                img, masks = to_byte_range(s.image), s.masks(self.label_ids)
                 if draw is not None:
                     img, masks = draw(img, masks)
-                x, geo = backbone.preprocess(img[None])
+                x, m = encoder_frame(backbone, img, masks)
                 vx.append(x[0])
-                vm.append(backbone.preprocess_masks(masks[None], geo)[0])
+                vm.append(m[0])
             xs.append(torch.stack(vx))
             ms.append(torch.stack(vm))
         self.x, self.masks = torch.stack(xs), torch.stack(ms)  # (V, M, 3, S, S), (V, M, L, S, S)
@@ -87,10 +86,15 @@ class EpisodeBank:
 
     def draw(self, rng: np.random.Generator, num_support: int) -> dict:
         """A random episode: indices, label ids and the two views (different ones where there are several)."""
-        self.sampler.num_support = num_support
-        d = self.sampler.draw(rng)
+        d = self.sampler.draw(rng, num_support)
         view_t, view_s = (int(v) for v in rng.choice(self.views, 2, replace=self.views < 2))
         return {"target": d.target, "support": d.support, "objects": d.objects, "view_t": view_t, "view_s": view_s}
+
+
+def encoder_frame(backbone: Backbone, image: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """One (C, H, W) image and its (N, H, W) masks -> (1, 3, S, S) encoder input and (1, N, S, S) masks."""
+    x, geo = backbone.preprocess(image[None])
+    return x, backbone.preprocess_masks(masks[None], geo)
 
 
 def as_banks(bank: EpisodeBank | Sequence[EpisodeBank]) -> list[EpisodeBank]:
@@ -188,4 +192,4 @@ def train_episodes(
     return losses
 
 
-__all__ = ["EpisodeBank", "EpisodeDataset", "EpisodeDraw", "EpisodeNet", "make_optimizer", "train_episodes"]
+__all__ = ["EpisodeBank", "EpisodeDataset", "EpisodeNet", "encoder_frame", "make_optimizer", "train_episodes"]

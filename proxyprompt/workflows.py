@@ -26,6 +26,7 @@ from .data.contract import Sample, load_samples, read_labels, read_split
 from .data.episodes import subject_of, to_byte_range
 from .modeling.generator import SupportEmbedding
 from .modeling.proxy_sam import ProxyPromptSAM
+from .training import encoder_frame
 
 logger = logging.getLogger("proxyprompt")
 
@@ -85,7 +86,7 @@ class SupportSet:
         self.objects = select_objects(read_labels(folder), objects, str(self.folder / "dataset.json"))
         samples = split_samples(folder, split, axis=axis)
         ids = list(self.objects)
-        shows = [{o for o in ids if bool((s.label == o).any())} for s in samples]
+        shows = [s.shows(ids) for s in samples]
         rng = np.random.default_rng(seed)
         order = [int(i) for i in rng.permutation(len(samples))]
         order.sort(key=lambda i: -len(shows[i]))  # stable: most objects first, random among equals
@@ -116,13 +117,8 @@ class SupportSet:
 
     def encode(self, model: ProxyPromptSAM) -> SupportEmbedding:
         """Encode the pairs (each brought into the encoder's frame on its own, so sizes may differ)."""
-        backbone, xs, ms = model.backbone, [], []
-        for s in self.samples:
-            x, geo = backbone.preprocess(to_byte_range(s.image)[None])
-            masks = torch.stack([(s.label == o).float() for o in self.label_ids])
-            xs.append(x)
-            ms.append(backbone.preprocess_masks(masks[None], geo))
-        x, m = torch.cat(xs), torch.cat(ms)
+        pairs = [encoder_frame(model.backbone, to_byte_range(s.image), s.masks(self.label_ids)) for s in self.samples]
+        x, m = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
         with torch.no_grad():
             return model.encode_prepared_support(x, m, model.encode_images(x))
 
@@ -139,8 +135,7 @@ class TargetDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         s = self.samples[index]
-        label = torch.stack([(s.label == o).float() for o in self.label_ids])
-        return {"image": to_byte_range(s.image), "label": label, "source": s.source}
+        return {"image": to_byte_range(s.image), "label": s.masks(self.label_ids), "source": s.source}
 
 
 # --- engines -------------------------------------------------------------------------------------------------------

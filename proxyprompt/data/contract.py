@@ -26,6 +26,14 @@ class Sample:
     label: Tensor
     source: str
 
+    def masks(self, label_ids: list[int]) -> Tensor:
+        """(N, H, W) float binary masks, one per label id in that order."""
+        return torch.stack([(self.label == o).float() for o in label_ids])
+
+    def shows(self, label_ids: list[int]) -> set[int]:
+        """The label ids among ``label_ids`` that this sample shows."""
+        return {o for o in label_ids if bool((self.label == o).any())}
+
 
 def read_labels(folder: str | Path) -> dict[int, str]:
     """The object labels of a data-contract folder (background excluded), e.g. {1: "optic_disc", 2: "optic_cup"}."""
@@ -72,8 +80,7 @@ def load_samples(items: list[dict[str, str]], *, axis: int = 2, max_slices: int 
             continue
         if not 0 <= axis < label.dim():
             raise ValueError(f"axis must be in 0..{label.dim() - 1} for {item['image']}, got {axis}")
-        dims = [d for d in range(label.dim()) if d != axis]
-        zs = [z for z in range(label.shape[axis]) if label.select(axis, z).any()] if dims else []
+        zs = [z for z in range(label.shape[axis]) if label.select(axis, z).any()]
         if max_slices is not None and len(zs) > max_slices:
             zs = [zs[int(i)] for i in np.linspace(0, len(zs) - 1, max_slices).round()]
         for z in zs:

@@ -90,18 +90,19 @@ class EpisodeSampler:
         if num_support < 1:
             raise ValueError(f"num_support must be >= 1, got {num_support}")
         self.subjects, self.label_ids = subjects, list(label_ids)
-        self.shows = [{o for o in self.label_ids if bool((s.label == o).any())} for s in samples]
+        self.shows = [s.shows(self.label_ids) for s in samples]
         self.num_support = num_support
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return len(self.subjects)
 
-    def draw(self, rng: np.random.Generator | None = None) -> EpisodeDraw:
-        rng = rng or self.rng
+    def draw(self, rng: np.random.Generator | None = None, num_support: int | None = None) -> EpisodeDraw:
+        """An episode with ``num_support`` supports (default: the sampler's K)."""
+        rng, k = rng or self.rng, num_support or self.num_support
         target = int(rng.integers(len(self)))
         others = [i for i in range(len(self)) if self.subjects[i] != self.subjects[target]]
-        support = [int(i) for i in rng.choice(others, min(self.num_support, len(others)), replace=False)]
+        support = [int(i) for i in rng.choice(others, min(k, len(others)), replace=False)]
         shown = set().union(*(self.shows[i] for i in support))
         present = [o for o in self.label_ids if o in self.shows[target] and o in shown]
         if not present:  # e.g. a slice whose organ no support shows: ask for what the support shows
