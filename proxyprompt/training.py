@@ -4,6 +4,7 @@ frozen, and the module that turns one episode into logits and ground truth."""
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,15 +33,23 @@ class EpisodeBank:
         samples: labelled 2D samples (`load_samples`).
         label_ids: the dataset's objects; masks are stored one channel per id in this order.
         views: number of views (>= 1).
+        same_study: let supports come from the target's own study (`EpisodeSampler`).
     """
 
     def __init__(
-        self, model: ProxyPromptSAM, samples: list[Sample], label_ids: Sequence[int], *, views: int = 3, seed: int = 0
+        self,
+        model: ProxyPromptSAM,
+        samples: list[Sample],
+        label_ids: Sequence[int],
+        *,
+        views: int = 3,
+        seed: int = 0,
+        same_study: bool = False,
     ) -> None:
         if views < 1:
             raise ValueError(f"views must be >= 1, got {views}")
         self.label_ids = list(label_ids)
-        self.sampler = EpisodeSampler(samples, self.label_ids, num_support=1, seed=seed)
+        self.sampler = EpisodeSampler(samples, self.label_ids, num_support=1, seed=seed, same_study=same_study)
         rng = np.random.default_rng(seed)
         draws = [None] + [PairAugment(rng) for _ in range(views - 1)]
         backbone = model.backbone
@@ -75,7 +84,7 @@ class EpisodeBank:
         sub.sampler = copy.copy(self.sampler)
         sub.sampler.subjects = [self.sampler.subjects[i] for i in index]
         sub.sampler.shows = [self.sampler.shows[i] for i in index]
-        if len(set(sub.sampler.subjects)) < 2:
+        if len(set(sub.sampler.subjects)) < 2 and not self.sampler.same_study:
             raise ValueError(f"a subset of {len(index)} sample(s) from one study cannot make episodes")
         return sub
 
@@ -172,9 +181,11 @@ def train_episodes(
     optimizer=None,
     loss_fn=None,
     seed: int = 0,
+    until: float | None = None,
 ) -> list[float]:
     """A plain loop over ``steps`` random episodes (the bundle's trainer runs the same step in ignite), by default
-    with the Dice loss (paper Eq. 13); returns the losses."""
+    with the Dice loss (paper Eq. 13); returns the losses. ``until`` (a ``time.monotonic()`` value) ends the loop
+    early when reached; at least one step runs."""
     net = EpisodeNet(model, bank)
     rng = np.random.default_rng(seed)
     optimizer = optimizer or make_optimizer(model)
@@ -182,6 +193,8 @@ def train_episodes(
     losses = []
     net.train()
     for _ in range(steps):
+        if losses and until is not None and time.monotonic() >= until:
+            break
         logits, truth = net(bank.draw(rng, num_support))
         loss = loss_fn(logits, truth)
         optimizer.zero_grad()

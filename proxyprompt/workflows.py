@@ -116,11 +116,16 @@ class SupportSet:
         return [s.source for s in self.samples]
 
     def encode(self, model: ProxyPromptSAM) -> SupportEmbedding:
-        """Encode the pairs (each brought into the encoder's frame on its own, so sizes may differ)."""
-        pairs = [encoder_frame(model.backbone, to_byte_range(s.image), s.masks(self.label_ids)) for s in self.samples]
-        x, m = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-        with torch.no_grad():
-            return model.encode_prepared_support(x, m, model.encode_images(x))
+        return encode_samples(model, self.samples, self.label_ids)
+
+
+def encode_samples(model: ProxyPromptSAM, samples: Sequence[Sample], label_ids: Sequence[int]) -> SupportEmbedding:
+    """Encode labelled samples as a support set for ``label_ids`` (each pair brought into the encoder's frame on its
+    own, so sizes may differ)."""
+    pairs = [encoder_frame(model.backbone, to_byte_range(s.image), s.masks(list(label_ids))) for s in samples]
+    x, m = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    with torch.no_grad():
+        return model.encode_prepared_support(x, m, model.encode_images(x))
 
 
 class TargetDataset(Dataset):
@@ -307,47 +312,83 @@ class FolderSegmenter:
         return report
 
     def segment_file(self, path: Path, output_dir: Path, embedding: SupportEmbedding) -> Path:
-        try:
-            image = self.loader(str(path))
-        except Exception as err:
-            raise ValueError(f"{path} is not a readable image or DICOM series ({err})") from err
-        spatial = image.shape[1:]
-        if len(spatial) == 2:  # readers give (W, H) for 2D files: work in file orientation (H, W) as training does
-            label = self.segment_slices(image.as_tensor().transpose(-1, -2)[None], embedding)[0].T
-        elif len(spatial) == 3:
-            if not 0 <= self.axis <= 2:
-                raise ValueError(f"axis must be 0, 1 or 2 for a volume, got {self.axis}")
-            slices = image.as_tensor().movedim(self.axis + 1, 0)  # (Z, C, a, b)
-            label = self.segment_slices(slices, embedding).movedim(0, self.axis)
-        else:
-            raise ValueError(f"{path}: expected a 2D image or a 3D volume, got spatial shape {tuple(spatial)}")
+        image = read_image(path, self.loader)
+        label = segment_image(self.model, image, embedding, self.support.label_ids, axis=self.axis, chunk=self.chunk)
         ext = _suffix(path) if _suffix(path) in (".nii", ".nii.gz", ".nrrd", ".mha") else ".nii.gz"
-        if len(spatial) == 2 and _suffix(path) in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+        if image.dim() == 3 and _suffix(path) in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
             ext = ".png"
-        out = MetaTensor(label[None].to(torch.uint8), meta=image.meta)
         name = path.name[: -len(_suffix(path))] if path.is_file() else path.name
-        out.meta["filename_or_obj"] = str(output_dir / name)
-        saver = SaveImage(
-            output_dir=output_dir,
-            output_postfix="",
-            output_ext=ext,
-            output_dtype=np.uint8,
-            resample=False,
-            separate_folder=False,
-            print_log=False,
-        )
-        saver(out)
-        return output_dir / f"{name}{ext}"
+        return write_label(label, image, output_dir, name, ext)
 
-    def segment_slices(self, slices: Tensor, embedding: SupportEmbedding) -> Tensor:
-        """(Z, C, H, W) -> (Z, H, W) label map: at each pixel the label id of the most confident object with a
-        positive logit, 0 where none is."""
-        ids = torch.tensor([0, *self.support.label_ids], dtype=torch.uint8)
-        out = []
-        for start in range(0, len(slices), self.chunk):
-            part = torch.stack([to_byte_range(s) for s in slices[start : start + self.chunk]])
-            with torch.no_grad():
-                logits = self.model.segment(part, embedding).cpu()  # (z, N, H, W)
-            best = logits.max(dim=1)
-            out.append(ids[torch.where(best.values > 0, best.indices + 1, 0)])
-        return torch.cat(out)
+
+def read_image(path: str | Path, loader: LoadImage | None = None) -> MetaTensor:
+    """A 2D image or 3D volume (C, *spatial) with its metadata; an unreadable file is a ValueError naming it."""
+    loader = loader or LoadImage(image_only=True, ensure_channel_first=True)
+    try:
+        return loader(str(path))
+    except Exception as err:  # MONAI raises several types for unreadable files
+        raise ValueError(f"{path} is not a readable image or DICOM series ({err})") from err
+
+
+def segment_image(
+    model: ProxyPromptSAM,
+    image: Tensor,
+    embedding: SupportEmbedding,
+    label_ids: Sequence[int],
+    *,
+    axis: int = 2,
+    chunk: int = 8,
+    skip: Sequence[int] = (),
+) -> Tensor:
+    """Label map (spatial shape of ``image``, uint8 label ids) of a 2D image or a 3D volume (C, *spatial) as read.
+
+    2D images are segmented in file orientation (readers give (W, H)), as training sees them; volumes slice by slice
+    along ``axis``, the support encoded once. Slices in ``skip`` are left 0 (the caller fills them)."""
+    spatial = image.shape[1:]
+    data = image.as_tensor() if isinstance(image, MetaTensor) else image
+    if len(spatial) == 2:
+        return label_slices(model, data.transpose(-1, -2)[None], embedding, label_ids, chunk=chunk)[0].T
+    if len(spatial) != 3:
+        raise ValueError(f"expected a 2D image or a 3D volume, got spatial shape {tuple(spatial)}")
+    if not 0 <= axis <= 2:
+        raise ValueError(f"axis must be 0, 1 or 2 for a volume, got {axis}")
+    slices = data.movedim(axis + 1, 0)  # (Z, C, a, b)
+    todo = [z for z in range(len(slices)) if z not in set(skip)]
+    out = torch.zeros((len(slices), *slices.shape[2:]), dtype=torch.uint8)
+    if todo:
+        out[todo] = label_slices(model, slices[todo], embedding, label_ids, chunk=chunk)
+    return out.movedim(0, axis)
+
+
+def label_slices(
+    model: ProxyPromptSAM, slices: Tensor, embedding: SupportEmbedding, label_ids: Sequence[int], *, chunk: int = 8
+) -> Tensor:
+    """(Z, C, H, W) -> (Z, H, W) label map: at each pixel the label id of the most confident object with a positive
+    logit, 0 where none is."""
+    ids = torch.tensor([0, *label_ids], dtype=torch.uint8)
+    out = []
+    for start in range(0, len(slices), chunk):
+        part = torch.stack([to_byte_range(s) for s in slices[start : start + chunk]])
+        with torch.no_grad():
+            logits = model.segment(part, embedding).cpu()  # (z, N, H, W)
+        best = logits.max(dim=1)
+        out.append(ids[torch.where(best.values > 0, best.indices + 1, 0)])
+    return torch.cat(out)
+
+
+def write_label(label: Tensor, image: MetaTensor, output_dir: str | Path, name: str, ext: str = ".nii.gz") -> Path:
+    """Write a label map with the geometry (affine, spacing) of the image it was segmented from, as
+    ``output_dir/name + ext`` (MONAI's SaveImage)."""
+    out = MetaTensor(label[None].to(torch.uint8), meta=image.meta)
+    out.meta["filename_or_obj"] = str(Path(output_dir) / name)
+    saver = SaveImage(
+        output_dir=output_dir,
+        output_postfix="",
+        output_ext=ext,
+        output_dtype=np.uint8,
+        resample=False,
+        separate_folder=False,
+        print_log=False,
+    )
+    saver(out)
+    return Path(output_dir) / f"{name}{ext}"

@@ -100,8 +100,9 @@ class Backbone(nn.Module):
         """(B, 3, S, S) preprocessed -> Features with embed (B, C, H, W)."""
         raise NotImplementedError
 
-    def _decode_one(self, features: Features, sparse: Tensor, dense: Tensor) -> Tensor:
-        """One image's features, (N, T, C) sparse prompts -> (N, 1, 4H, 4W) low-res logits."""
+    def _decode_one(self, features: Features, sparse: Tensor, dense: Tensor) -> tuple[Tensor, Tensor]:
+        """One image's features, (N, T, C) sparse prompts -> (N, 1, 4H, 4W) low-res logits and the decoder's
+        predicted IoU (N, 1)."""
         raise NotImplementedError
 
     @property
@@ -116,13 +117,16 @@ class Backbone(nn.Module):
         logits = 20 * (x - 0.5)  # SAM takes a previous prediction's logits: +-10 for certain fore/background
         return self.prompt_encoder._embed_masks(logits).unflatten(0, (b, n))
 
-    def decode(self, features: Features, prompts: Tensor, dense: Tensor | None = None) -> Tensor:
+    def decode(
+        self, features: Features, prompts: Tensor, dense: Tensor | None = None, *, with_iou: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Frozen mask decoder with prompt tokens.
 
         Args:
             features: from `encode`, batch B.
             prompts: (B, N, T, C) sparse prompt tokens (the proxy prompts, or a box's two corner tokens).
             dense: (B, N, C, H, W) dense prompt embeddings (`embed_mask`), or None for SAM's ``no_mask_embed``.
+            with_iou: also return the decoder's own estimate of each mask's IoU, (B, N).
         Returns:
             (B, N, 4H, 4W) low-resolution mask logits in the padded input frame.
         """
@@ -135,7 +139,8 @@ class Backbone(nn.Module):
             self._decode_one(features.select(slice(b, b + 1)), prompts[b], no_mask if dense is None else dense[b])
             for b in range(prompts.shape[0])
         ]
-        return torch.stack([o[:, 0] for o in out])  # B x (N, 1, h, w) -> (B, N, h, w)
+        logits = torch.stack([o[0][:, 0] for o in out])  # B x (N, 1, h, w) -> (B, N, h, w)
+        return (logits, torch.stack([o[1][:, 0] for o in out])) if with_iou else logits
 
     def token_pe(self, side: int) -> Tensor:
         """SAM's positional encoding at the centres of a (side, side) grid over the image: (side*side, C)."""

@@ -59,15 +59,15 @@ class SamBackbone(Backbone):
     def encode(self, x: Tensor) -> Features:
         return Features(self.model.image_encoder(x))
 
-    def _decode_one(self, features: Features, sparse: Tensor, dense: Tensor) -> Tensor:
-        masks, _ = self.model.mask_decoder(
+    def _decode_one(self, features: Features, sparse: Tensor, dense: Tensor) -> tuple[Tensor, Tensor]:
+        masks, iou = self.model.mask_decoder(
             image_embeddings=features.embed,
             image_pe=self.model.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=False,
         )
-        return masks
+        return masks, iou
 
 
 class LiteMedSamBackbone(SamBackbone):

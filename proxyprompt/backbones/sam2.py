@@ -55,8 +55,8 @@ class Sam2Backbone(Backbone):
         # (HW, B, C) -> (B, C, H, W) per level, finest first
         return Features(maps[-1], tuple(maps[:-1]) if self.model.use_high_res_features_in_sam else ())
 
-    def _decode_one(self, features: Features, sparse: Tensor, dense: Tensor) -> Tensor:
-        masks, _, _, _ = self.model.sam_mask_decoder(
+    def _decode_one(self, features: Features, sparse: Tensor, dense: Tensor) -> tuple[Tensor, Tensor]:
+        masks, iou, _, _ = self.model.sam_mask_decoder(
             image_embeddings=features.embed,
             image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
@@ -65,7 +65,7 @@ class Sam2Backbone(Backbone):
             repeat_image=True,
             high_res_features=list(features.high_res) or None,
         )
-        return masks
+        return masks, iou
 
 
 def build_sam2_backbone(

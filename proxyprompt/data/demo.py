@@ -191,3 +191,31 @@ def write_family(root: str | Path, family: str, *, n_train: int, n_val: int, n_t
     }
     (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
     return folder
+
+
+def write_studies(
+    folder: str | Path,
+    *,
+    n_studies: int,
+    n_labelled: int,
+    shape: tuple[int, int, int] = (96, 96, 24),
+    seed: int = 0,
+) -> Path:
+    """CT-like studies in MONAI Label's local datastore layout: ``<folder>/ct_XXX.nii.gz`` with the first
+    ``n_labelled`` labelled under ``labels/final/``; ``dataset.json`` names the labels (1 liver, 2 spleen, 3 kidney).
+    """
+    if not 0 <= n_labelled <= n_studies:
+        raise ValueError(f"n_labelled must be in 0..n_studies ({n_studies}), got {n_labelled}")
+    folder = Path(folder)
+    (folder / "labels" / "final").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 7])
+    affine = np.diag([1.5, 1.5, 3.0, 1.0]) * np.array([256 / shape[0], 256 / shape[1], 1, 1])
+    for index in range(n_studies):
+        image, label = ct_volume(rng, shape)
+        name = f"ct_{index:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(image, affine), folder / name)
+        if index < n_labelled:
+            nib.save(nib.Nifti1Image(label, affine), folder / "labels" / "final" / name)
+    meta = {"name": "proxyprompt demo studies", "labels": {"0": "background", **FAMILIES["ct"]}}
+    (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return folder

@@ -78,18 +78,27 @@ class EpisodeSampler:
         samples: from `load_samples`.
         label_ids: the objects the dataset defines.
         num_support: K (the paper trains with M - 1 supports for M training pairs); fewer when fewer studies exist.
+        same_study: in-volume support (a user's slices of the volume being segmented): supports may come from the
+            target's own study, and the target itself serves as its own support (in another augmented view of
+            `EpisodeBank`) when it is the only sample.
     """
 
-    def __init__(self, samples: list[Sample], label_ids: list[int], num_support: int, *, seed: int = 0) -> None:
+    def __init__(
+        self, samples: list[Sample], label_ids: list[int], num_support: int, *, seed: int = 0, same_study: bool = False
+    ) -> None:
         subjects = [subject_of(s) for s in samples]
-        if len(set(subjects)) < 2:
+        if same_study:
+            subjects = [f"{s}#{i}" for i, s in enumerate(subjects)]  # every sample its own "study"
+        if not samples:
+            raise ValueError("episodes need at least one labelled sample, got none")
+        if len(set(subjects)) < 2 and not same_study:
             raise ValueError(
                 f"episodes need at least 2 samples from different studies (a target and a support), got "
                 f"{len(samples)} sample(s) from {len(set(subjects))} study(ies)"
             )
         if num_support < 1:
             raise ValueError(f"num_support must be >= 1, got {num_support}")
-        self.subjects, self.label_ids = subjects, list(label_ids)
+        self.subjects, self.label_ids, self.same_study = subjects, list(label_ids), same_study
         self.shows = [s.shows(self.label_ids) for s in samples]
         self.num_support = num_support
         self.rng = np.random.default_rng(seed)
@@ -101,7 +110,7 @@ class EpisodeSampler:
         """An episode with ``num_support`` supports (default: the sampler's K)."""
         rng, k = rng or self.rng, num_support or self.num_support
         target = int(rng.integers(len(self)))
-        others = [i for i in range(len(self)) if self.subjects[i] != self.subjects[target]]
+        others = [i for i in range(len(self)) if self.subjects[i] != self.subjects[target]] or [target]
         support = [int(i) for i in rng.choice(others, min(k, len(others)), replace=False)]
         shown = set().union(*(self.shows[i] for i in support))
         present = [o for o in self.label_ids if o in self.shows[target] and o in shown]

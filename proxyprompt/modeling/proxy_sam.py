@@ -93,16 +93,24 @@ class ProxyPromptSAM(nn.Module):
         return self.generator.encode_support(x, masks, self.to_grid(features.embed))
 
     # --- targets ---------------------------------------------------------------------------------------------------
-    def segment(self, targets: Tensor, support: SupportEmbedding) -> Tensor:
-        """(B, 1 or 3, H, W) targets as loaded -> (B, N, H, W) mask logits at the targets' size."""
+    def segment(
+        self, targets: Tensor, support: SupportEmbedding, *, with_iou: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """(B, 1 or 3, H, W) targets as loaded -> (B, N, H, W) mask logits at the targets' size (and, with
+        ``with_iou``, the mask decoder's predicted IoU of each mask, (B, N))."""
         x, geo = self.backbone.preprocess(targets)
-        return self.backbone.postprocess(self.segment_features(self.encode_images(x), support), geo)
+        out = self.segment_features(self.encode_images(x), support, with_iou=with_iou)
+        if with_iou:
+            return self.backbone.postprocess(out[0], geo), out[1]
+        return self.backbone.postprocess(out, geo)
 
-    def segment_features(self, features: Features, support: SupportEmbedding) -> Tensor:
+    def segment_features(
+        self, features: Features, support: SupportEmbedding, *, with_iou: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Backbone features of B targets -> (B, N, 4H, 4W) low-res logits in the padded input frame."""
         tokens, coarse = self.generator(self.to_grid(features.embed), support)  # (B, N, T, C), (B, N, g, g)
         tokens = tokens + self.backbone.token_pe(round(tokens.shape[2] ** 0.5))  # + (T, C) cell positions
-        return self.backbone.decode(features, tokens, self.backbone.embed_mask(coarse))
+        return self.backbone.decode(features, tokens, self.backbone.embed_mask(coarse), with_iou=with_iou)
 
     def forward(self, targets: Tensor, support_images: Tensor, support_masks: Tensor) -> Tensor:
         """Uncached: encode the support set and segment the targets in one call."""

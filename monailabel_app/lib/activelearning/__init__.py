@@ -1,0 +1,3 @@
+from .least_confident import LeastConfident
+
+__all__ = ["LeastConfident"]

@@ -1,0 +1,3 @@
+from .proxy_prompt import ProxyPromptConfig
+
+__all__ = ["ProxyPromptConfig"]

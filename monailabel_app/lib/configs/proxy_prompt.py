@@ -1,0 +1,161 @@
+"""The app's settings (``--conf`` key/value pairs) and the one model every task of the app shares."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+from fastapi import HTTPException
+
+from proxyprompt import build_model
+from proxyprompt.checkpoint import load_ppg
+from proxyprompt.serving import ProxyPromptService, Study
+
+logger = logging.getLogger(__name__)
+
+DEFAULTS = {
+    "models": "proxy_prompt",
+    "backbone": "litemedsam",  # litemedsam ships its weights; sam_vit_b/l/h and sam2 need `checkpoint`
+    "preset": "cpu",
+    "checkpoint": None,  # the backbone's weights (SAM / SAM 2)
+    "ppg_checkpoint": None,  # PPG + LoRA weights; default: trained here, else the bundle's model.pt where it fits
+    "bundle": None,  # the MONAI bundle folder; default: ../bundle beside the app
+    "labels": None,  # "liver,spleen" or '{"liver": 1, "spleen": 2}'; default: the studies folder's dataset.json
+    "num_support": "3",  # K labelled studies per support set
+    "support_slices": "3",  # slices taken from each labelled support volume
+    "axis": "2",  # slicing axis of volumes
+    "finetune_seconds": "60",  # time bound of the on-the-fly fine-tune on a new support set (0: off)
+    "seed": "0",
+}
+MODELS = ("proxy_prompt",)
+
+
+def bad_request(status: int, message: str) -> HTTPException:
+    logger.warning(f"HTTP {status}: {message}")
+    return HTTPException(status_code=status, detail=message)
+
+
+def parse_labels(conf_value: str | None, studies: Path) -> dict[str, int]:
+    """Label names -> values 1..N, from ``--conf labels`` or the studies folder's dataset.json."""
+    if conf_value:
+        text = conf_value.strip()
+        labels = json.loads(text) if text.startswith("{") else {n.strip(): i + 1 for i, n in enumerate(text.split(","))}
+        where = "--conf labels"
+    else:
+        path = studies / "dataset.json"
+        if not path.is_file():
+            raise ValueError(
+                f"no label names: pass --conf labels liver,spleen (values 1..N in that order) or put a dataset.json "
+                f'with {{"labels": {{"1": "liver", ...}}}} in {studies}'
+            )
+        raw = json.loads(path.read_text()).get("labels", {})
+        labels = {name: int(value) for value, name in raw.items() if int(value) != 0}
+        where = str(path)
+    labels = {str(k): int(v) for k, v in sorted(labels.items(), key=lambda kv: int(kv[1]))}
+    if sorted(labels.values()) != list(range(1, len(labels) + 1)) or "" in labels:
+        raise ValueError(f"{where}: label values must be 1..N, one name each; got {labels}")
+    return labels
+
+
+class ProxyPromptConfig:
+    """Reads the app's ``--conf`` and builds the shared model lazily (the train process never builds it)."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        unknown = sorted(set(conf) - set(DEFAULTS) - {"server_mode", "preload", "skip_scoring"})
+        if unknown:
+            logger.warning(f"ignoring unknown --conf keys {unknown}; known: {sorted(DEFAULTS)}")
+        c = {**DEFAULTS, **{k: v for k, v in conf.items() if v is not None}}
+        self.app_dir, self.studies = Path(app_dir), Path(studies)
+        self.models = [m.strip() for m in str(c["models"]).split(",") if m.strip()]
+        if "all" in self.models:
+            self.models = list(MODELS)
+        bad = [m for m in self.models if m not in MODELS]
+        if bad or not self.models:
+            raise ValueError(f"--conf models {c['models']!r}: choose among {list(MODELS)} (or all)")
+        self.backbone, self.preset, self.checkpoint = c["backbone"], c["preset"], c["checkpoint"]
+        self.bundle = Path(c["bundle"]) if c["bundle"] else self.app_dir.parent / "bundle"
+        self.labels = parse_labels(c["labels"], self.studies)
+        try:
+            self.num_support, self.support_slices, self.axis = (
+                int(c[k]) for k in ("num_support", "support_slices", "axis")
+            )
+            self.finetune_seconds, self.seed = float(c["finetune_seconds"]), int(c["seed"])
+        except ValueError as err:
+            raise ValueError(
+                f"--conf num_support, support_slices, axis, finetune_seconds, seed: not a number ({err})"
+            ) from err
+        self.explicit_ppg = Path(c["ppg_checkpoint"]) if c["ppg_checkpoint"] else None
+        self.model_dir = self.app_dir / "model"
+        self.trained = self.model_dir / "proxy_prompt.pt"  # what the train task writes
+        self._service: ProxyPromptService | None = None
+        self._loaded: tuple | None = None
+        self._lock = threading.Lock()
+
+    # --- weights -------------------------------------------------------------------------------------------------
+    def base_weights(self) -> tuple[Path | None, str, list[str]]:
+        """The PPG weights to start from: (path or None, description, stamps of the studies they were trained on)."""
+        if self.explicit_ppg is not None:
+            return self.explicit_ppg, f"--conf ppg_checkpoint {self.explicit_ppg}", []
+        if self.trained.is_file():
+            meta = (
+                json.loads(self.trained.with_suffix(".json").read_text())
+                if self.trained.with_suffix(".json").is_file()
+                else {}
+            )
+            desc = f"trained in this app ({self.trained.name}, {meta.get('finished', '?')})"
+            return self.trained, desc, list(meta.get("trained_on", []))
+        default = self.bundle / "models" / "model.pt"
+        if default.is_file() and (self.backbone, self.preset) == ("litemedsam", "cpu"):
+            return default, f"bundle default ({default})", []
+        return None, f"untrained PPG (no PPG checkpoint for backbone {self.backbone}, preset {self.preset})", []
+
+    def service(self) -> ProxyPromptService:
+        """The shared service; reloads the base weights when the train task has written new ones."""
+        with self._lock:
+            path, description, trained_on = self.base_weights()
+            version = (str(path), path.stat().st_mtime_ns if path else None)
+            if self._service is None:
+                model = build_model(self.backbone, self.preset, self.checkpoint)
+                if path is not None:
+                    load_ppg(model, path)
+                self._service = ProxyPromptService(
+                    model,
+                    weights=description,
+                    cache_dir=self.model_dir / "cache",
+                    axis=self.axis,
+                    support_slices=self.support_slices,
+                    finetune_seconds=self.finetune_seconds,
+                    trained_on=trained_on,
+                    seed=self.seed,
+                )
+            elif version != self._loaded and path is not None:
+                with self._service.lock:
+                    load_ppg(self._service.model, path)
+                    self._service.set_weights(description, trained_on)
+                logger.info(f"loaded new weights: {description}")
+            self._loaded = version
+            return self._service
+
+    # --- datastore -----------------------------------------------------------------------------------------------
+    def labelled(self, datastore) -> dict[str, Study]:
+        """Studies of the datastore with a final label."""
+        out = {}
+        for image_id in datastore.get_labeled_images():
+            label = datastore.get_label_uri(image_id, "final")
+            if label:
+                out[image_id] = Study(image_id, Path(datastore.get_image_uri(image_id)), Path(label))
+        return out
+
+    def pick_labels(self, value) -> dict[str, int]:
+        """The requested labels (names, list or comma string) -> {name: value}; all labels when not given."""
+        if value in (None, "", []):
+            return dict(self.labels)
+        names = [n.strip() for n in value.split(",")] if isinstance(value, str) else [str(n) for n in value]
+        unknown = [n for n in names if n not in self.labels]
+        if unknown or not names:
+            raise bad_request(
+                422, f"labels {unknown or names} are not labels of this app; its labels are {list(self.labels)}"
+            )
+        return {n: self.labels[n] for n in names}

@@ -1,0 +1,3 @@
+from .proxy_prompt import SliceSupportInfer, StudySupportInfer
+
+__all__ = ["SliceSupportInfer", "StudySupportInfer"]

@@ -1,0 +1,3 @@
+from .proxy_prompt import ProxyPromptTrain
+
+__all__ = ["ProxyPromptTrain"]

@@ -1,0 +1,310 @@
+"""Few-shot segmentation as a service (what the MONAI Label app runs): support sets chosen among labelled studies by
+backbone-feature similarity, weights fine-tuned on the fly on a support set the model has not been trained on, and
+support encodings cached per support set, so that the next request on the same support set only segments.
+
+One model serves every request; the weights that fit a support set are loaded into it under a lock, so requests are
+served one at a time and a result never depends on what ran before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .checkpoint import load_ppg, save_ppg, trainable_state
+from .data.contract import Sample, load_samples
+from .data.episodes import to_byte_range
+from .modeling.generator import SupportEmbedding
+from .modeling.proxy_sam import ProxyPromptSAM
+from .training import EpisodeBank, train_episodes
+from .workflows import encode_samples, read_image, segment_image
+
+logger = logging.getLogger("proxyprompt")
+
+
+@dataclass(frozen=True)
+class Study:
+    """A study of the datastore: its id, image file and (final) label file, if labelled."""
+
+    id: str
+    image: Path
+    label: Path | None = None
+
+    def stamp(self) -> str:
+        """Changes whenever the image or the label file changes (path, size, modification time)."""
+        parts = [self.image] + ([self.label] if self.label else [])
+        return "|".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in parts)
+
+
+@dataclass
+class Support:
+    """A support set: labelled 2D samples for ``label_ids``, and whether its pairs come from one study (then episodes
+    take supports from the target's own study). ``key`` names its content."""
+
+    samples: list[Sample]
+    label_ids: list[int]
+    key: str
+    same_study: bool = False
+    sources: list[str] = field(default_factory=list)
+    stamps: list[str] = field(default_factory=list)  # of the labelled studies it comes from
+
+
+def digest(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sample_slices(n: int, count: int = 3) -> list[int]:
+    """``count`` evenly spaced indices inside ``range(n)`` (25 %, 50 %, 75 % for 3)."""
+    return sorted({min(n - 1, int(n * (i + 1) / (count + 1))) for i in range(count)})
+
+
+def as_slices(image: Tensor, axis: int) -> Tensor:
+    """(C, *spatial) as read -> (Z, C, H, W) slices; a 2D image is one slice in file orientation."""
+    data = image.as_tensor() if hasattr(image, "as_tensor") else image
+    if data.dim() == 3:
+        return data.transpose(-1, -2)[None]
+    return data.movedim(axis + 1, 0)
+
+
+class ProxyPromptService:
+    """Segments studies from support sets with one ProxyPromptSAM.
+
+    Args:
+        model: the model, with its base weights loaded (bundle default or trained).
+        weights: a short description of the base weights, given back with every result.
+        cache_dir: where study feature vectors and on-the-fly fine-tuned weights are kept across restarts.
+        axis: slicing axis of volumes.
+        support_slices: slices taken from each labelled support volume (evenly spaced among those with an object).
+        finetune_seconds: time bound of an on-the-fly fine-tune (0: never fine-tune).
+        trained_on: stamps of the studies the base weights were trained on; a support set made only of those is
+            used without fine-tuning.
+    """
+
+    def __init__(
+        self,
+        model: ProxyPromptSAM,
+        *,
+        weights: str,
+        cache_dir: str | Path,
+        axis: int = 2,
+        support_slices: int = 3,
+        finetune_seconds: float = 60.0,
+        trained_on: Sequence[str] = (),
+        seed: int = 0,
+        memory: int = 8,
+    ) -> None:
+        if not 0 <= axis <= 2:
+            raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
+        if support_slices < 1:
+            raise ValueError(f"support_slices must be >= 1, got {support_slices}")
+        if finetune_seconds < 0:
+            raise ValueError(f"finetune_seconds must be >= 0, got {finetune_seconds}")
+        self.model = model.eval()
+        self.cache_dir = Path(cache_dir)
+        self.axis, self.support_slices, self.finetune_seconds = axis, support_slices, float(finetune_seconds)
+        self.seed, self.memory = seed, memory
+        self.lock = threading.RLock()
+        self._vectors: dict[str, Tensor] = self._load_vectors()
+        self._shows: dict[str, set[int]] = {}
+        self._states: OrderedDict[str, tuple[dict, str]] = OrderedDict()  # weights key -> (state, description)
+        self._embeddings: OrderedDict[str, SupportEmbedding] = OrderedDict()  # weights key + support key
+        self.set_weights(weights, trained_on)
+
+    # --- weights -------------------------------------------------------------------------------------------------
+    def set_weights(self, description: str, trained_on: Sequence[str] = ()) -> None:
+        """Take the model's current weights as the base (after loading new trained weights into it)."""
+        with self.lock:
+            self.base = {k: v.clone() for k, v in trainable_state(self.model).items()}
+            self.base_description, self.trained_on = description, set(trained_on)
+            self.base_key = digest(description, sorted(self.trained_on))
+            self._states.clear()
+            self._embeddings.clear()
+
+    def _load(self, state: dict) -> None:
+        self.model.load_state_dict(state, strict=False)
+
+    def _weights_for(self, support: Support) -> tuple[str, str, EpisodeBank | None]:
+        """Load the weights for ``support`` into the model: the base weights where they were trained on every
+        support study or fine-tuning is off, else the base fine-tuned on the support pairs (cached in memory and on
+        disk). Returns the weights key, their description and the fine-tune's bank (None when nothing was trained)."""
+        known = bool(support.stamps) and set(support.stamps) <= self.trained_on
+        if self.finetune_seconds == 0 or known:
+            self._load(self.base)
+            return self.base_key, self.base_description, None
+        key = digest(self.base_key, support.key, self.finetune_seconds, self.seed)
+        if key in self._states:
+            state, description = self._states[key]
+            self._states.move_to_end(key)
+            self._load(state)
+            return key, description, None
+        path = self.cache_dir / "finetuned" / f"{key}.pt"
+        if path.is_file():
+            self._load(self.base)
+            load_ppg(self.model, path)
+            description = json.loads(path.with_suffix(".json").read_text())["weights"]
+            self._remember(key, description)
+            return key, description, None
+        self._load(self.base)
+        start = time.monotonic()
+        torch.manual_seed(self.seed)
+        bank = EpisodeBank(
+            self.model, support.samples, support.label_ids, views=2, seed=self.seed, same_study=support.same_study
+        )
+        losses = train_episodes(
+            self.model,
+            bank,
+            steps=10_000,
+            num_support=max(1, min(4, len(support.samples) - 1)),
+            seed=self.seed,
+            until=start + self.finetune_seconds,
+        )
+        seconds = time.monotonic() - start
+        description = (
+            f"{self.base_description} + fine-tuned on the fly on {len(support.samples)} support pairs "
+            f"({len(losses)} episodes, {seconds:.0f} s, loss {losses[0]:.3f} -> {np.mean(losses[-5:]):.3f})"
+        )
+        logger.info(description)
+        save_ppg(self.model, path)
+        path.with_suffix(".json").write_text(json.dumps({"weights": description, "sources": support.sources}))
+        self._remember(key, description)
+        return key, description, bank
+
+    def _remember(self, key: str, description: str) -> None:
+        self._states[key] = ({k: v.clone() for k, v in trainable_state(self.model).items()}, description)
+        while len(self._states) > self.memory:
+            self._states.popitem(last=False)
+
+    # --- support -------------------------------------------------------------------------------------------------
+    def prepare(self, support: Support) -> tuple[str, SupportEmbedding, dict]:
+        """Weights and support encoding for ``support`` (cached), loaded and ready to segment. Call under
+        ``self.lock`` together with the segmentation that uses them."""
+        start = time.monotonic()
+        key, description, bank = self._weights_for(support)
+        full = f"{key}/{support.key}"
+        cached = full in self._embeddings
+        if cached:
+            embedding = self._embeddings[full]
+            self._embeddings.move_to_end(full)
+        elif bank is not None:  # the fine-tune's view 0 is the support as read, already in the encoder's frame
+            index = list(range(len(bank)))
+            with torch.no_grad():
+                embedding = self.model.encode_prepared_support(
+                    bank.x[0], bank.masks[0], bank.features(self.model, 0, index)
+                )
+        else:
+            embedding = encode_samples(self.model, support.samples, support.label_ids)
+        if not cached:
+            self._embeddings[full] = embedding
+            while len(self._embeddings) > self.memory:
+                self._embeddings.popitem(last=False)
+        info = {
+            "weights": description,
+            "support_cached": cached,
+            "support_pairs": len(support.samples),
+            "support": support.sources,
+            "prepare_seconds": round(time.monotonic() - start, 2),
+        }
+        return full, embedding, info
+
+    def study_support(self, studies: Sequence[Study], label_ids: Sequence[int]) -> Support:
+        """The support set of labelled studies: up to ``support_slices`` slices of each volume that show an object
+        (2D images as they are)."""
+        items = [{"image": str(s.image), "label": str(s.label)} for s in studies]
+        samples = load_samples(items, axis=self.axis, max_slices=self.support_slices)
+        ids = list(label_ids)
+        samples = [s for s in samples if s.shows(ids)]
+        missing = [o for o in ids if not any(o in s.shows(ids) for s in samples)]
+        if missing:
+            raise LookupError(
+                f"label id(s) {missing} appear in no support study ({', '.join(s.id for s in studies)}): nothing "
+                f"shows what to segment"
+            )
+        stamps = [s.stamp() for s in studies]
+        key = digest(stamps, ids, self.axis, self.support_slices)
+        sources = [Path(s.source).name for s in samples]
+        return Support(samples, ids, key, same_study=len(studies) < 2, sources=sources, stamps=stamps)
+
+    def slice_support(self, image: Tensor, label: Tensor, label_ids: Sequence[int], name: str) -> Support:
+        """The support set of slices a user labelled in the volume being segmented: (C, *spatial) image and its
+        (*spatial) label map, 0 on unlabelled slices."""
+        ids = list(label_ids)
+        slices, labels = as_slices(image, self.axis), as_slices(label[None], self.axis)[:, 0]
+        drawn = [z for z in range(len(labels)) if bool(labels[z].bool().any())]
+        samples = [Sample(slices[z].float(), labels[z].long(), f"{name}#{self.axis}:{z}") for z in drawn]
+        samples = [s for s in samples if s.shows(ids)]
+        if not samples:
+            raise ValueError(f"no slice of the uploaded label shows label id(s) {ids}: label at least one slice")
+        key = digest(name, hashlib.sha1(label.numpy().tobytes()).hexdigest(), ids, self.axis)
+        return Support(samples, ids, key, same_study=True, sources=[s.source for s in samples])
+
+    # --- similarity ----------------------------------------------------------------------------------------------
+    def vector(self, study: Study) -> Tensor:
+        """The study's similarity vector: unit-norm mean of the backbone's pooled features on a few slices
+        (computed once per image version, kept on disk)."""
+        key = f"{self.model.config.get('backbone')}|{self.axis}|{Study(study.id, study.image).stamp()}"
+        if key not in self._vectors:
+            slices = as_slices(read_image(study.image), self.axis)
+            pooled = []
+            for z in sample_slices(len(slices)):
+                x, _ = self.model.backbone.preprocess(to_byte_range(slices[z])[None])
+                pooled.append(self.model.encode_images(x.to(self.model.backbone.device)).embed.mean(dim=(2, 3))[0])
+            self._vectors[key] = F.normalize(torch.stack(pooled).mean(0).cpu(), dim=0)
+            self._save_vectors()
+        return self._vectors[key]
+
+    def most_similar(self, target: Study, candidates: Sequence[Study], k: int) -> list[Study]:
+        """The ``k`` candidates most similar to ``target`` (cosine of `vector`), most similar first."""
+        with self.lock:
+            v = self.vector(target)
+            scored = sorted(candidates, key=lambda c: (-float(v @ self.vector(c)), c.id))
+        return scored[:k]
+
+    def shows(self, study: Study) -> set[int]:
+        """Label ids present in a labelled study's label file (cached per file version)."""
+        key = study.stamp()
+        if key not in self._shows:
+            label = read_image(study.label)
+            self._shows[key] = {int(v) for v in torch.unique(label.as_tensor()).tolist() if v != 0}
+        return self._shows[key]
+
+    def _load_vectors(self) -> dict[str, Tensor]:
+        path = self.cache_dir / "vectors.pt"
+        return torch.load(path, weights_only=True) if path.is_file() else {}
+
+    def _save_vectors(self) -> None:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_dir / "vectors.pt.tmp"
+        torch.save(self._vectors, tmp)
+        tmp.replace(self.cache_dir / "vectors.pt")
+
+    # --- segmentation --------------------------------------------------------------------------------------------
+    def segment(self, image: Tensor, support: Support, *, skip: Sequence[int] = ()) -> tuple[Tensor, dict]:
+        """Label map of a 2D image or volume (C, *spatial) from ``support``; slices in ``skip`` are left 0."""
+        with self.lock:
+            _, embedding, info = self.prepare(support)
+            start = time.monotonic()
+            label = segment_image(self.model, image, embedding, support.label_ids, axis=self.axis, skip=skip)
+            info["segment_seconds"] = round(time.monotonic() - start, 2)
+        return label, info
+
+    def confidence(self, image: Tensor, support: Support, slices: int = 3) -> float:
+        """The mask decoder's mean predicted IoU over the objects on a few slices of ``image``: low means unsure."""
+        with self.lock:
+            _, embedding, _ = self.prepare(support)
+            stack = as_slices(image, self.axis)
+            picked = torch.stack([to_byte_range(stack[z]) for z in sample_slices(len(stack), slices)])
+            with torch.no_grad():
+                _, iou = self.model.segment(picked, embedding, with_iou=True)
+        return float(iou.mean())
