@@ -259,7 +259,8 @@ class ProxyPromptService:
             pooled = []
             for z in sample_slices(len(slices)):
                 x, _ = self.model.backbone.preprocess(to_byte_range(slices[z])[None])
-                pooled.append(self.model.encode_images(x.to(self.model.backbone.device)).embed.mean(dim=(2, 3))[0])
+                with torch.no_grad():
+                    pooled.append(self.model.encode_images(x.to(self.model.backbone.device)).embed.mean(dim=(2, 3))[0])
             self._vectors[key] = F.normalize(torch.stack(pooled).mean(0).cpu(), dim=0)
             self._save_vectors()
         return self._vectors[key]

@@ -28,9 +28,9 @@ def _blur(rng: np.random.Generator, shape: tuple[int, ...], scale: int) -> np.nd
     for axis in range(len(shape)):
         big = np.repeat(big, scale, axis=axis)
     big = big[tuple(slice(0, s) for s in shape)]
-    kernel = np.ones(scale) / scale
     for axis in range(len(shape)):
-        big = np.apply_along_axis(lambda v: np.convolve(v, kernel, mode="same"), axis, big)
+        kernel = np.ones(min(scale, shape[axis])) / min(scale, shape[axis])  # never longer than the axis
+        big = np.apply_along_axis(lambda v, k=kernel: np.convolve(v, k, mode="same"), axis, big)
     return big
 
 
