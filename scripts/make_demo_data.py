@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from proxyprompt.data.demo import FAMILIES, write_family
+from proxyprompt.data.demo import FAMILIES, write_family, write_studies
 
 
 def main() -> None:
@@ -15,7 +15,18 @@ def main() -> None:
     parser.add_argument("--n-val", type=int, default=4)
     parser.add_argument("--n-test", type=int, default=16, help="held-out pairs (the paper keeps 16)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--studies",
+        default=None,
+        help="instead: write CT-like studies for the MONAI Label app into this folder (datastore layout)",
+    )
+    parser.add_argument("--n-studies", type=int, default=8)
+    parser.add_argument("--n-labelled", type=int, default=3, help="studies with a final label (with --studies)")
     args = parser.parse_args()
+    if args.studies:
+        folder = write_studies(args.studies, n_studies=args.n_studies, n_labelled=args.n_labelled, seed=args.seed)
+        print(f"wrote {args.n_studies} studies ({args.n_labelled} labelled) to {folder}")
+        return
     for family in args.families:
         folder = write_family(
             args.out, family, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed
