@@ -94,3 +94,16 @@ def test_sampler_refuses_a_single_study():
     t = Sample(torch.zeros(1, 8, 8), torch.ones(8, 8, dtype=torch.long), "vol.nii.gz#2:1")
     with pytest.raises(ValueError, match="at least 2 samples from different studies"):
         EpisodeSampler([s, t], [1], num_support=1)
+
+
+def test_in_volume_support_takes_other_slices_of_the_same_study_or_the_slice_itself():
+    """The user's drawn slices of the volume being segmented (`same_study`): supports are the other drawn slices;
+    a single drawn slice supports itself (EpisodeBank then gives it another augmented view)."""
+    slices = [Sample(torch.zeros(1, 8, 8), torch.ones(8, 8, dtype=torch.long), f"vol.nii.gz#2:{z}") for z in range(3)]
+    sampler = EpisodeSampler(slices, [1], num_support=2, same_study=True)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        d = sampler.draw(rng)
+        assert d.target not in d.support and len(d.support) == 2
+    single = EpisodeSampler(slices[:1], [1], num_support=2, same_study=True).draw(rng)
+    assert single.target == 0 and single.support == [0]

@@ -28,6 +28,16 @@ LABELS = {"liver": 1, "spleen": 2, "kidney": 3}
 CONF = {"backbone": "sam_tiny", "preset": "tiny", "finetune_seconds": "2", "bundle": str(ROOT / "bundle")}
 
 
+@pytest.fixture
+def app_code():
+    """Import the app's main.py and lib/ in this process, as MONAI Label does (app folder first on sys.path)."""
+    sys.path.insert(0, str(ROOT / "monailabel_app"))
+    yield
+    sys.path.remove(str(ROOT / "monailabel_app"))
+    for name in [m for m in sys.modules if m in ("main", "lib") or m.startswith("lib.")]:
+        del sys.modules[name]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,7 +118,7 @@ def test_auto_segmentation_from_similar_labelled_studies(server):
     assert set(np.unique(label).tolist()) <= {0, 1, 2, 3}
     assert first["label_names"] == LABELS
     assert len(first["support_ids"]) == 3 and "ct_007" not in first["support_ids"]
-    assert "fine-tuned on the fly" in first["weights"] and not first["support_cached"]
+    assert "fine-tune" in first["weights"] and not first["support_cached"]  # on the fly: kept only if it helped
     second, again, _ = result(infer(server, "proxy_prompt", "ct_007"))
     assert second["support_cached"] and second["weights"] == first["weights"]
     assert np.array_equal(again, label)
@@ -232,37 +242,50 @@ def test_train_task_runs_through_the_bundle_and_infer_picks_up_its_weights(serve
     assert params["weights"].startswith("trained in this app")
 
 
-def test_an_empty_datastore_or_default_host_is_refused(tmp_path):
-    sys.path.insert(0, str(ROOT / "monailabel_app"))
-    try:
-        from main import ProxyPromptApp, bind_address, check_bind_address
+def test_an_empty_datastore_or_default_host_is_refused(tmp_path, app_code):
+    from main import ProxyPromptApp, bind_address, check_bind_address
 
-        studies = write_studies(tmp_path / "studies", n_studies=2, n_labelled=0, shape=(32, 32, 4))
-        app = ProxyPromptApp(str(copy_app(tmp_path)), str(studies), dict(CONF))
-        with pytest.raises(HTTPException) as err:
-            app.infer({"model": "proxy_prompt", "image": "ct_000"})
-        assert err.value.status_code == 409 and "final label" in err.value.detail
-        assert bind_address(["monailabel", "start_server", "--host", "127.0.0.1"]) == "127.0.0.1"
-        with pytest.raises(RuntimeError, match="--host 127.0.0.1"):
-            check_bind_address(bind_address(["monailabel", "start_server", "--app", "x"]), auth=False)
-    finally:
-        sys.path.remove(str(ROOT / "monailabel_app"))
-        for name in [m for m in sys.modules if m == "main" or m == "lib" or m.startswith("lib.")]:
-            del sys.modules[name]
+    studies = write_studies(tmp_path / "studies", n_studies=2, n_labelled=0, shape=(32, 32, 4))
+    app = ProxyPromptApp(str(copy_app(tmp_path)), str(studies), dict(CONF))
+    with pytest.raises(HTTPException) as err:
+        app.infer({"model": "proxy_prompt", "image": "ct_000"})
+    assert err.value.status_code == 409 and "final label" in err.value.detail
+    assert bind_address(["monailabel", "start_server", "--host", "127.0.0.1"]) == "127.0.0.1"
+    with pytest.raises(RuntimeError, match="--host 127.0.0.1"):
+        check_bind_address(bind_address(["monailabel", "start_server", "--app", "x"]), auth=False)
 
 
-def test_label_names_must_be_contiguous(tmp_path):
-    sys.path.insert(0, str(ROOT / "monailabel_app"))
-    try:
-        from lib.configs.proxy_prompt import parse_labels
+def test_label_names_must_be_contiguous(tmp_path, app_code):
+    from lib.configs.proxy_prompt import parse_labels
 
-        assert parse_labels("liver, spleen", tmp_path) == {"liver": 1, "spleen": 2}
-        assert parse_labels('{"spleen": 2, "liver": 1}', tmp_path) == {"liver": 1, "spleen": 2}
-        with pytest.raises(ValueError, match="1..N"):
-            parse_labels('{"liver": 1, "kidney": 3}', tmp_path)
-        with pytest.raises(ValueError, match="--conf labels"):
-            parse_labels(None, tmp_path)
-    finally:
-        sys.path.remove(str(ROOT / "monailabel_app"))
-        for name in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
-            del sys.modules[name]
+    assert parse_labels("liver, spleen", tmp_path) == {"liver": 1, "spleen": 2}
+    assert parse_labels('{"spleen": 2, "liver": 1}', tmp_path) == {"liver": 1, "spleen": 2}
+    with pytest.raises(ValueError, match="1..N"):
+        parse_labels('{"liver": 1, "kidney": 3}', tmp_path)
+    with pytest.raises(ValueError, match="--conf labels"):
+        parse_labels(None, tmp_path)
+
+
+def test_2d_images_are_segmented_in_their_own_format_and_size(tmp_path, app_code):
+    """In-process (no server): a datastore of PNG fundus-like images, two with final labels."""
+    from PIL import Image
+
+    from proxyprompt.data.demo import write_family
+
+    family = write_family(tmp_path / "data", "fundus", n_train=3, n_val=0, n_test=0, seed=2)
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for i, item in enumerate(json.loads((family / "dataset.json").read_text())["training"]):
+        shutil.copy(family / item["image"], studies)
+        if i < 2:
+            shutil.copy(family / item["label"], studies / "labels" / "final")
+    from main import ProxyPromptApp
+
+    conf = {**CONF, "labels": "optic_disc,optic_cup,vessel"}
+    app = ProxyPromptApp(str(copy_app(tmp_path)), str(studies), conf)
+    out = app.infer({"model": "proxy_prompt", "image": "fundus_002", "labels": "optic_disc,optic_cup"})
+    written = np.asarray(Image.open(out["file"]))
+    assert out["file"].endswith(".png") and written.shape == (256, 256)
+    assert set(np.unique(written).tolist()) <= {0, 1, 2}
+    assert out["params"]["label_names"] == {"optic_disc": 1, "optic_cup": 2}
+    assert sorted(out["params"]["support_ids"]) == ["fundus_000", "fundus_001"]

@@ -27,6 +27,7 @@ DEFAULTS = {
     "support_slices": "3",  # slices taken from each labelled support volume
     "axis": "2",  # slicing axis of volumes
     "finetune_seconds": "60",  # time bound of the on-the-fly fine-tune on a new support set (0: off)
+    "finetune_lr": "0.002",  # its SGD learning rate (gentler than training from scratch: few pairs, no schedule)
     "seed": "0",
 }
 MODELS = ("proxy_prompt",)
@@ -81,7 +82,8 @@ class ProxyPromptConfig:
             self.num_support, self.support_slices, self.axis = (
                 int(c[k]) for k in ("num_support", "support_slices", "axis")
             )
-            self.finetune_seconds, self.seed = float(c["finetune_seconds"]), int(c["seed"])
+            self.finetune_seconds, self.finetune_lr = float(c["finetune_seconds"]), float(c["finetune_lr"])
+            self.seed = int(c["seed"])
         except ValueError as err:
             raise ValueError(
                 f"--conf num_support, support_slices, axis, finetune_seconds, seed: not a number ({err})"
@@ -127,6 +129,7 @@ class ProxyPromptConfig:
                     axis=self.axis,
                     support_slices=self.support_slices,
                     finetune_seconds=self.finetune_seconds,
+                    finetune_lr=self.finetune_lr,
                     trained_on=trained_on,
                     seed=self.seed,
                 )

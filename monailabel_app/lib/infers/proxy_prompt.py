@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -36,8 +37,8 @@ class _ProxyPromptInfer(InferTask):
         image_path = Path(request["image"])
         two_d = image.dim() == 3
         ext = ".png" if two_d and image_path.suffix.lower() in (".png", ".jpg", ".jpeg") else ".nii.gz"
-        out_dir = Path(tempfile.mkdtemp(prefix="proxyprompt_"))
-        path = write_label(label, image, out_dir, "label", ext)
+        out_dir = Path(tempfile.gettempdir()) / "proxyprompt_results"  # MONAI Label deletes the file once sent
+        path = write_label(label, image, out_dir, f"label_{uuid.uuid4().hex}", ext)
         params = {"label_names": labels, **info, "latency_seconds": round(time.monotonic() - start, 2)}
         logger.info(f"{self.description}: {params['weights']}; {params['latency_seconds']} s")
         return str(path), params
@@ -72,6 +73,7 @@ class StudySupportInfer(_ProxyPromptInfer):
                 "no study of the datastore has a final label yet: label one or more studies and "
                 "submit them (Submit Label), or draw slices of this volume and use proxy_prompt_slices",
             )
+        image = self.read(request["image"], "image")
         ids = request.get("support_ids") or []
         ids = [i.strip() for i in ids.split(",") if i.strip()] if isinstance(ids, str) else [str(i) for i in ids]
         service = self.app.service()
@@ -93,7 +95,6 @@ class StudySupportInfer(_ProxyPromptInfer):
             wanted = set(labels.values())
             full = [c for c in candidates if wanted <= service.shows(c)]
             chosen = service.most_similar(Study(target_id, Path(request["image"])), full or candidates, k)
-        image = self.read(request["image"], "image")
         try:
             support = service.study_support(chosen, list(labels.values()))
         except LookupError as err:
