@@ -30,7 +30,7 @@ from .data.episodes import to_byte_range
 from .modeling.generator import SupportEmbedding
 from .modeling.proxy_sam import ProxyPromptSAM
 from .training import EpisodeBank, EpisodeNet, make_optimizer, train_episodes
-from .workflows import encode_samples, read_image, segment_image
+from .workflows import as_slices, encode_samples, read_image, segment_image
 
 logger = logging.getLogger("proxyprompt")
 
@@ -69,14 +69,6 @@ def digest(*parts) -> str:
 def sample_slices(n: int, count: int = 3) -> list[int]:
     """``count`` evenly spaced indices inside ``range(n)`` (25 %, 50 %, 75 % for 3)."""
     return sorted({min(n - 1, int(n * (i + 1) / (count + 1))) for i in range(count)})
-
-
-def as_slices(image: Tensor, axis: int) -> Tensor:
-    """(C, *spatial) as read -> (Z, C, H, W) slices; a 2D image is one slice in file orientation."""
-    data = image.as_tensor() if hasattr(image, "as_tensor") else image
-    if data.dim() == 3:
-        return data.transpose(-1, -2)[None]
-    return data.movedim(axis + 1, 0)
 
 
 class ProxyPromptService:
@@ -209,7 +201,7 @@ class ProxyPromptService:
             self._states.popitem(last=False)
 
     # --- support -------------------------------------------------------------------------------------------------
-    def prepare(self, support: Support) -> tuple[str, SupportEmbedding, dict]:
+    def prepare(self, support: Support) -> tuple[SupportEmbedding, dict]:
         """Weights and support encoding for ``support`` (cached), loaded and ready to segment. Call under
         ``self.lock`` together with the segmentation that uses them."""
         start = time.monotonic()
@@ -238,7 +230,7 @@ class ProxyPromptService:
             "support": support.sources,
             "prepare_seconds": round(time.monotonic() - start, 2),
         }
-        return full, embedding, info
+        return embedding, info
 
     def study_support(self, studies: Sequence[Study], label_ids: Sequence[int]) -> Support:
         """The support set of labelled studies: up to ``support_slices`` slices of each volume that show an object
@@ -272,12 +264,12 @@ class ProxyPromptService:
         return Support(samples, ids, key, same_study=True, sources=[s.source for s in samples])
 
     # --- similarity ----------------------------------------------------------------------------------------------
-    def vector(self, study: Study) -> Tensor:
+    def vector(self, study: Study, image: Tensor | None = None) -> Tensor:
         """The study's similarity vector: unit-norm mean of the backbone's pooled features on a few slices
-        (computed once per image version, kept on disk)."""
+        (computed once per image version, kept on disk). ``image``: the study's image when already read."""
         key = f"{self.model.config.get('backbone')}|{self.axis}|{Study(study.id, study.image).stamp()}"
         if key not in self._vectors:
-            slices = as_slices(read_image(study.image), self.axis)
+            slices = as_slices(read_image(study.image) if image is None else image, self.axis)
             pooled = []
             for z in sample_slices(len(slices)):
                 x, _ = self.model.backbone.preprocess(to_byte_range(slices[z])[None])
@@ -287,10 +279,12 @@ class ProxyPromptService:
             self._save_vectors()
         return self._vectors[key]
 
-    def most_similar(self, target: Study, candidates: Sequence[Study], k: int) -> list[Study]:
+    def most_similar(
+        self, target: Study, candidates: Sequence[Study], k: int, image: Tensor | None = None
+    ) -> list[Study]:
         """The ``k`` candidates most similar to ``target`` (cosine of `vector`), most similar first."""
         with self.lock:
-            v = self.vector(target)
+            v = self.vector(target, image)
             scored = sorted(candidates, key=lambda c: (-float(v @ self.vector(c)), c.id))
         return scored[:k]
 
@@ -316,7 +310,7 @@ class ProxyPromptService:
     def segment(self, image: Tensor, support: Support, *, skip: Sequence[int] = ()) -> tuple[Tensor, dict]:
         """Label map of a 2D image or volume (C, *spatial) from ``support``; slices in ``skip`` are left 0."""
         with self.lock:
-            _, embedding, info = self.prepare(support)
+            embedding, info = self.prepare(support)
             start = time.monotonic()
             label = segment_image(self.model, image, embedding, support.label_ids, axis=self.axis, skip=skip)
             info["segment_seconds"] = round(time.monotonic() - start, 2)
@@ -325,7 +319,7 @@ class ProxyPromptService:
     def confidence(self, image: Tensor, support: Support, slices: int = 3) -> float:
         """The mask decoder's mean predicted IoU over the objects on a few slices of ``image``: low means unsure."""
         with self.lock:
-            _, embedding, _ = self.prepare(support)
+            embedding, _ = self.prepare(support)
             stack = as_slices(image, self.axis)
             picked = torch.stack([to_byte_range(stack[z]) for z in sample_slices(len(stack), slices)])
             with torch.no_grad():

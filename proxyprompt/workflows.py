@@ -345,19 +345,27 @@ def segment_image(
     2D images are segmented in file orientation (readers give (W, H)), as training sees them; volumes slice by slice
     along ``axis``, the support encoded once. Slices in ``skip`` are left 0 (the caller fills them)."""
     spatial = image.shape[1:]
-    data = image.as_tensor() if isinstance(image, MetaTensor) else image
     if len(spatial) == 2:
-        return label_slices(model, data.transpose(-1, -2)[None], embedding, label_ids, chunk=chunk)[0].T
+        return label_slices(model, as_slices(image, axis), embedding, label_ids, chunk=chunk)[0].T
     if len(spatial) != 3:
         raise ValueError(f"expected a 2D image or a 3D volume, got spatial shape {tuple(spatial)}")
     if not 0 <= axis <= 2:
         raise ValueError(f"axis must be 0, 1 or 2 for a volume, got {axis}")
-    slices = data.movedim(axis + 1, 0)  # (Z, C, a, b)
+    slices = as_slices(image, axis)  # (Z, C, a, b)
     todo = [z for z in range(len(slices)) if z not in set(skip)]
     out = torch.zeros((len(slices), *slices.shape[2:]), dtype=torch.uint8)
     if todo:
         out[todo] = label_slices(model, slices[todo], embedding, label_ids, chunk=chunk)
     return out.movedim(0, axis)
+
+
+def as_slices(image: Tensor, axis: int) -> Tensor:
+    """(C, *spatial) as read -> (Z, C, H, W) slices along ``axis``; a 2D image is one slice in file orientation
+    (readers give (W, H))."""
+    data = image.as_tensor() if isinstance(image, MetaTensor) else image
+    if data.dim() == 3:
+        return data.transpose(-1, -2)[None]
+    return data.movedim(axis + 1, 0)
 
 
 def label_slices(

@@ -34,11 +34,11 @@ class LeastConfident(Strategy):
         labelled = list(self.app.labelled(datastore).values())
         vectors = np.stack([service.vector(s).numpy() for s in pool])
         if not labelled:
-            sims = vectors @ vectors.mean(0)
-            pick = int(np.argmin(sims))
+            pick = int(np.argmin(vectors @ vectors.mean(0)))
             return {"id": pool[pick].id, "reason": "no labelled study yet: the least typical unlabelled study"}
         k = min(self.app.num_support, len(labelled))
-        ranked = sorted(labelled, key=lambda s: (-float(service.vector(s).numpy() @ vectors.mean(0)), s.id))[:k]
+        centre = vectors.mean(0)
+        ranked = sorted(labelled, key=lambda s: (-float(service.vector(s).numpy() @ centre), s.id))[:k]
         shown = sorted(set().union(*(service.shows(s) for s in ranked)))
         support = service.study_support(ranked, shown)
         scores = {}

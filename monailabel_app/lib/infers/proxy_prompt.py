@@ -94,7 +94,7 @@ class StudySupportInfer(_ProxyPromptInfer):
                 raise bad_request(409, f"the only labelled study is {target_id} itself: label another study")
             wanted = set(labels.values())
             full = [c for c in candidates if wanted <= service.shows(c)]
-            chosen = service.most_similar(Study(target_id, Path(request["image"])), full or candidates, k)
+            chosen = service.most_similar(Study(target_id, Path(request["image"])), full or candidates, k, image)
         try:
             support = service.study_support(chosen, list(labels.values()))
         except LookupError as err:
