@@ -196,9 +196,13 @@ class ProxyPromptService:
             return float(np.mean([loss(*net(e)).item() for e in episodes]))
 
     def _remember(self, key: str, description: str) -> None:
-        self._states[key] = ({k: v.clone() for k, v in trainable_state(self.model).items()}, description)
-        while len(self._states) > self.memory:
-            self._states.popitem(last=False)
+        self._keep(self._states, key, ({k: v.clone() for k, v in trainable_state(self.model).items()}, description))
+
+    def _keep(self, cache: OrderedDict, key: str, value) -> None:
+        """Put ``value`` in a least-recently-used cache of ``memory`` entries."""
+        cache[key] = value
+        while len(cache) > self.memory:
+            cache.popitem(last=False)
 
     # --- support -------------------------------------------------------------------------------------------------
     def prepare(self, support: Support) -> tuple[SupportEmbedding, dict]:
@@ -220,9 +224,7 @@ class ProxyPromptService:
         else:
             embedding = encode_samples(self.model, support.samples, support.label_ids)
         if not cached:
-            self._embeddings[full] = embedding
-            while len(self._embeddings) > self.memory:
-                self._embeddings.popitem(last=False)
+            self._keep(self._embeddings, full, embedding)
         info = {
             "weights": description,
             "support_cached": cached,

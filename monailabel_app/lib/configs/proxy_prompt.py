@@ -101,11 +101,8 @@ class ProxyPromptConfig:
         if self.explicit_ppg is not None:
             return self.explicit_ppg, f"--conf ppg_checkpoint {self.explicit_ppg}", []
         if self.trained.is_file():
-            meta = (
-                json.loads(self.trained.with_suffix(".json").read_text())
-                if self.trained.with_suffix(".json").is_file()
-                else {}
-            )
+            info = self.trained.with_suffix(".json")  # written before the weights are replaced
+            meta = json.loads(info.read_text()) if info.is_file() else {}
             desc = f"trained in this app ({self.trained.name}, {meta.get('finished', '?')})"
             return self.trained, desc, list(meta.get("trained_on", []))
         default = self.bundle / "models" / "model.pt"
