@@ -90,6 +90,19 @@ def build_generator(preset: Preset, backbone: Backbone) -> ProxyPromptGenerator:
     )
 
 
+def build_backbone(
+    backbone: str = "litemedsam",
+    checkpoint: str | Path | None = None,
+    *,
+    pretrained: bool = True,
+    backbone_kwargs: dict | None = None,
+) -> Backbone:
+    """One of `BACKBONES`, without LoRA (see `build_model` for the arguments)."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {backbone!r}")
+    return BACKBONES[backbone](checkpoint, pretrained, **(backbone_kwargs or {}))
+
+
 def build_model(
     backbone: str = "litemedsam",
     preset: str = "cpu",
@@ -110,12 +123,10 @@ def build_model(
         pretrained: False builds the backbone with random weights (tests).
         backbone_kwargs: passed to the backbone builder (e.g. sam2 ``image_size`` or ``config``).
     """
-    if backbone not in BACKBONES:
-        raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {backbone!r}")
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     settings = replace(PRESETS[preset], **overrides)
-    net = BACKBONES[backbone](checkpoint, pretrained, **(backbone_kwargs or {}))
+    net = build_backbone(backbone, checkpoint, pretrained=pretrained, backbone_kwargs=backbone_kwargs)
     add_lora(net, rank=settings.lora_rank, sites=settings.lora_sites)
     config = {"backbone": backbone, "preset": preset, **asdict(settings), "lora_sites": list(settings.lora_sites)}
     model = ProxyPromptSAM(backbone=net, generator=build_generator(settings, net), config=config)

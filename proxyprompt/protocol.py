@@ -1,9 +1,10 @@
 """The paper's studies on any data-contract folder, written as one markdown report with its figures.
 
-- Table 1: train on M training pairs, segment the test split with K supports; Dice per object.
+- Table 1: train on M training pairs, segment the test split with K supports; Dice per object, for PPG and each of
+  its peers in `baselines` (same backbone, preprocessing, data, supports and metric), with their per-target latency.
 - Table 2: the CSM/CCM ablation (Selective map replaced by the mean context, CCM by pooled context, both).
 - Fig. 7: M in {2, 4, 8, 16} training pairs x G in {1, 2, 4, 8} test-time supports (G <= M), several support draws.
-- Fig. 4: stability: Dice spread over 5 different support sets for the Table 1 model.
+- Fig. 4: stability: Dice spread over 5 different support sets, for every method of Table 1.
 
 Presets whose image encoder is frozen (the `cpu` preset) encode every training and test image once for the whole
 protocol: the encoder's output does not depend on what trains.
@@ -11,7 +12,6 @@ protocol: the encoder's output does not depend on what trains.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,9 @@ import torch
 from monai.metrics import compute_dice
 from tqdm import tqdm
 
-from .build import build_model
+from .backbones.base import Backbone, Features
+from .baselines import BASELINES, METHODS, Method, Pairs, ProxyPrompt, Target
+from .build import build_backbone, build_model
 from .data.contract import read_labels
 from .data.episodes import to_byte_range
 from .modeling.proxy_sam import ProxyPromptSAM
@@ -51,7 +53,15 @@ class Settings:
     train_sizes: tuple[int, ...] = (2, 4, 8, 16)
     support_sizes: tuple[int, ...] = (1, 2, 4, 8)
     studies: tuple[str, ...] = ("table1", "table2", "fig7", "fig4")
+    methods: tuple[str, ...] = METHODS
+    finetune_steps: int = 150
+    overlays: int = 4
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.methods) - set(METHODS)
+        if unknown or not self.methods:
+            raise ValueError(f"methods must be among {list(METHODS)}, got {list(self.methods)}")
 
 
 class Protocol:
@@ -64,6 +74,7 @@ class Protocol:
         self.bank: EpisodeBank | None = None
         self.test_cache: list | None = None
         self.results: dict = {}
+        self.overlays: dict[str, list] = {}  # method -> binary masks (N, H0, W0) of the first targets
 
     def model(self, **overrides) -> ProxyPromptSAM:
         torch.manual_seed(self.s.seed)
@@ -82,8 +93,17 @@ class Protocol:
             x, geo = model.backbone.preprocess(to_byte_range(s.image)[None])
             labels = s.masks(self.ids)[None]
             self.test_cache.append((x, geo, model.encode_images(x) if self.bank.cached else None, labels))
+        self.results["encoder_seconds"] = self.encoder_seconds(model)
         print(f"encoded {len(self.train_samples)} training x {self.s.views} views and "
               f"{len(self.test_samples)} test images in {time.time() - t:.0f} s", flush=True)  # fmt: skip
+
+    @torch.no_grad()
+    def encoder_seconds(self, model: ProxyPromptSAM) -> float:
+        """The frozen image encoder's time per target (every method runs it once per target)."""
+        t = time.perf_counter()
+        for x, *_ in self.test_cache[:4]:
+            model.backbone.encode(x)
+        return (time.perf_counter() - t) / min(4, len(self.test_cache))
 
     # --- train / evaluate -----------------------------------------------------------------------------------------
     def train(self, model: ProxyPromptSAM, m: int) -> ProxyPromptSAM:
@@ -118,19 +138,107 @@ class Protocol:
             scores.append(compute_dice((logits > 0).float().cpu(), labels, ignore_empty=True)[0].numpy())
         return np.nanmean(np.stack(scores), axis=0)
 
+    # --- PPG and its peers --------------------------------------------------------------------------------------
+    def comparison_data(self, model: ProxyPromptSAM) -> tuple[Backbone, Pairs, list[Target]]:
+        """The plain backbone (no LoRA) the baselines use, the training pairs in every view and the test targets.
+        Where the PPG's image encoder has no LoRA, its cached features are the plain backbone's and are shared."""
+        self.prepare(model)
+        torch.manual_seed(self.s.seed)  # random test backbones: the same weights as the PPG model's
+        plain = build_backbone(self.s.backbone, self.s.checkpoint).eval()
+        self.results["prompt_kinds"] = list(plain.prompt_kinds)
+        b = self.bank
+
+        def feats(x, cached):
+            if cached is not None:
+                return cached
+            with torch.no_grad():
+                return Features(torch.cat([plain.encode(x[i : i + 1]).embed for i in range(len(x))]))
+
+        views = [Pairs(b.x[v], b.masks[v], feats(b.x[v], b.cache[v] if b.cached else None)) for v in range(b.views)]
+        train = Pairs(
+            torch.cat([p.x for p in views]),
+            torch.cat([p.masks for p in views]),
+            Features(torch.cat([p.features.embed for p in views])),
+        )
+        self.support_pairs = views[0]
+        targets = [
+            Target(s.image, x, geo, feats(x, f), labels)
+            for s, (x, geo, f, labels) in zip(self.test_samples, self.test_cache, strict=True)
+        ]
+        return plain, train, targets
+
+    def methods(self, main: ProxyPromptSAM | None) -> dict[str, tuple[Method, float]]:
+        """Each method of ``Settings.methods``, fitted: name -> (method, seconds its training took)."""
+        plain, train, self.targets = self.comparison_data(main or self.model())
+        out = {}
+        for key in self.s.methods:
+            if key == "ppg":
+                out[key] = (ProxyPrompt(main), self.results.get("train_seconds", 0.0))
+                continue
+            kwargs = {"steps": self.s.finetune_steps} if key == "finetune" else {}
+            method = BASELINES[key](plain, **kwargs)
+            t = time.time()
+            method.fit(train, seed=self.s.seed)
+            out[key] = (method, time.time() - t)
+        return out
+
+    def evaluate_method(self, method: Method, support: list[int], draw: int, keep: int = 0) -> dict:
+        """Dice per object over the test split, with the method's seconds per target (after the shared encoder)
+        and for the support set; the binary masks of the first ``keep`` targets."""
+        t = time.perf_counter()
+        method.set_support(self.support_pairs.select(support))
+        setup = time.perf_counter() - t
+        scores, seconds, masks = [], [], []
+        for i, target in enumerate(tqdm(self.targets, desc=method.name, leave=False)):
+            t = time.perf_counter()
+            logits = method.predict(target, seed=self.s.seed * 10_000 + draw * 1_000 + i)
+            seconds.append(time.perf_counter() - t)
+            if logits.shape != target.truth.shape:
+                raise RuntimeError(
+                    f"{method.name} returned {tuple(logits.shape)}, expected {tuple(target.truth.shape)}"
+                )
+            pred = (logits > 0).float().cpu()
+            scores.append(compute_dice(pred, target.truth, ignore_empty=True)[0].numpy())
+            if i < keep:
+                masks.append(pred[0])
+        return {
+            "dice": np.nanmean(np.stack(scores), axis=0).tolist(),
+            "seconds": float(np.mean(seconds)),
+            "setup_seconds": setup,
+            "masks": masks,
+        }
+
+    def compare(self, main: ProxyPromptSAM | None) -> None:
+        """Table 1 and Fig. 4 for every method: the same support draws, targets and metric."""
+        s, res = self.s, self.results
+        m_full = len(self.train_samples)
+        res["methods"] = {}
+        for key, (method, train_seconds) in tqdm(self.methods(main).items(), desc="methods"):
+            row = {"name": method.name, "models_trained": method.models_trained(len(self.ids))}
+            row |= {"needs": method.needs, "uses_support": method.uses_support, "train_seconds": train_seconds}
+            if "table1" in s.studies:
+                first = self.evaluate_method(method, self.support_draw(m_full, s.test_support, 0), 0, s.overlays)
+                self.overlays[key] = first.pop("masks")
+                row.update(first)
+            if "fig4" in s.studies:
+                draws = [self.support_draw(m_full, s.test_support, d + 1) for d in range(s.draws)]
+                row["draws"] = [self.evaluate_method(method, idx, d + 1)["dice"] for d, idx in enumerate(draws)]
+            res["methods"][key] = row
+
     # --- studies ---------------------------------------------------------------------------------------------------
     def run(self) -> dict:
         s, res = self.s, self.results
         m_full = len(self.train_samples)
         main = None
         bar = tqdm(total=len(s.studies), desc="studies")
-        if {"table1", "fig4"} & set(s.studies):
+        comparison = {"table1", "fig4"} & set(s.studies)
+        if comparison and "ppg" in s.methods or {"table2", "fig7"} & set(s.studies):
             t = time.time()
             main = self.train(self.model(), m_full)
             res["train_seconds"] = time.time() - t
-        if "table1" in s.studies:
-            res["table1"] = self.evaluate(main, self.support_draw(m_full, s.test_support, 0)).tolist()
-            bar.update()
+        if comparison:
+            self.compare(main if "ppg" in s.methods else None)
+            bar.update(len(comparison))
         if "table2" in s.studies:
             res["table2"] = {}
             for name, overrides in ABLATIONS.items():
@@ -145,97 +253,11 @@ class Protocol:
                     dice = [self.evaluate(model, self.support_draw(m, g, d)).mean() for d in range(s.draws)]
                     res["fig7"][f"{m},{g}"] = [float(v) for v in dice]
             bar.update()
-        if "fig4" in s.studies:
-            draws = [self.evaluate(main, self.support_draw(m_full, s.test_support, d + 1)) for d in range(s.draws)]
-            res["fig4"] = [d.tolist() for d in draws]
-            bar.update()
         bar.close()
         return res
 
-    # --- report ----------------------------------------------------------------------------------------------------
     def write(self) -> Path:
-        import matplotlib
+        """report.md, results.json and the figures into ``Settings.out``."""
+        from .report import write_report
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        s, res = self.s, self.results
-        s.out.mkdir(parents=True, exist_ok=True)
-        (s.out / "results.json").write_text(json.dumps(res, indent=2))
-        lines = [
-            f"# Protocol report: {s.dataset.name}",
-            "",
-            f"Dataset `{s.dataset}`: {len(self.train_samples)} training and {len(self.test_samples)} test samples, "
-            f"objects {', '.join(self.names)}. Backbone `{s.backbone}`, preset `{s.preset}`. Each model trains "
-            f"{s.steps} episodes (paper SGD, Dice loss) with up to {s.train_support} supports per episode and "
-            f"{s.views} augmentation views, from seed {s.seed}. Dice on the test split; a target that does not show "
-            f"an object does not count for it. Written by `scripts/evaluate_protocol.py`.",
-            "",
-        ]
-        header = "| " + " | ".join(["", *self.names, "mean"]) + " |"
-        rule = "|" + "---|" * (len(self.names) + 2)
-
-        def row(name, dice):
-            return "| " + " | ".join([name, *[f"{v:.3f}" for v in dice], f"{np.nanmean(dice):.3f}"]) + " |"
-
-        if "table1" in res:
-            lines += [
-                f"## Table 1: Dice with {s.test_support} supports, trained on {len(self.train_samples)} pairs",
-                "",
-                header,
-                rule,
-                row("PPG", res["table1"]),
-                "",
-                f"Training took {res.get('train_seconds', 0):.0f} s.",
-                "",
-            ]
-        if "table2" in res:
-            lines += ["## Table 2: CSM / CCM ablation", "", header, rule]
-            lines += [row(name, dice) for name, dice in res["table2"].items()] + [""]
-        if "fig7" in res:
-            cells = {tuple(map(int, k.split(","))): v for k, v in res["fig7"].items()}
-            ms, gs = sorted({m for m, _ in cells}), sorted({g for _, g in cells})
-            lines += [
-                f"## Fig. 7: training pairs M x test supports G (mean Dice over {s.draws} support draws, +- std)",
-                "",
-                "| M \\ G | " + " | ".join(map(str, gs)) + " |",
-                "|" + "---|" * (len(gs) + 1),
-            ]
-            for m in ms:
-                vals = [
-                    f"{np.mean(cells[m, g]):.3f} +- {np.std(cells[m, g]):.3f}" if (m, g) in cells else "-" for g in gs
-                ]
-                lines.append(f"| {m} | " + " | ".join(vals) + " |")
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            for m in ms:
-                g_m = [g for g in gs if (m, g) in cells]
-                ax.errorbar(g_m, [np.mean(cells[m, g]) for g in g_m], [np.std(cells[m, g]) for g in g_m],
-                            marker="o", capsize=3, label=f"M = {m}")  # fmt: skip
-            ax.set(xscale="log", xticks=gs, xticklabels=gs, xlabel="test-time supports G", ylabel="mean Dice")
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(s.out / "fig7_support_sizes.png", dpi=120)
-            plt.close(fig)
-            lines += ["", "![Fig. 7](fig7_support_sizes.png)", ""]
-        if "fig4" in res:
-            draws = np.array(res["fig4"])  # (draws, objects)
-            lines += [
-                f"## Fig. 4: stability over {len(draws)} different support sets ({s.test_support} pairs each)",
-                "",
-                "| | " + " | ".join(self.names) + " | mean |",
-                rule,
-                "| mean | " + " | ".join(f"{v:.3f}" for v in draws.mean(0)) + f" | {draws.mean():.3f} |",
-                "| std | " + " | ".join(f"{v:.3f}" for v in draws.std(0)) + f" | {draws.mean(1).std():.3f} |",
-                "| range | " + " | ".join(f"{v:.3f}" for v in np.ptp(draws, 0)) + f" | {np.ptp(draws.mean(1)):.3f} |",
-            ]
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            ax.boxplot([draws[:, i] for i in range(draws.shape[1])])
-            ax.set_xticks(range(1, len(self.names) + 1), self.names)
-            ax.set(ylabel="Dice", title="Dice over support draws")
-            fig.tight_layout()
-            fig.savefig(s.out / "fig4_stability.png", dpi=120)
-            plt.close(fig)
-            lines += ["", "![Fig. 4](fig4_stability.png)", ""]
-        path = s.out / "report.md"
-        path.write_text("\n".join(lines) + "\n")
-        return path
+        return write_report(self)

@@ -1,11 +1,13 @@
-"""The paper's studies (Table 1, Table 2 ablation, Fig. 7 support sizes, Fig. 4 stability) on a data-contract folder;
-writes report.md, results.json and the figures into --out."""
+"""The paper's studies on a data-contract folder: Table 1 (PPG and its peers, --methods), Table 2 (CSM/CCM ablation),
+Fig. 7 (support sizes), Fig. 4 (stability over support draws, every method); writes report.md, results.json and the
+figures into --out."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from proxyprompt.baselines import METHODS
 from proxyprompt.protocol import Protocol, Settings
 
 
@@ -24,12 +26,16 @@ def main() -> None:
     p.add_argument("--train-sizes", type=int, nargs="+", default=[2, 4, 8, 16])
     p.add_argument("--support-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--studies", nargs="+", default=["table1", "table2", "fig7", "fig4"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="Table 1 / Fig. 4 rows")
+    p.add_argument("--finetune-steps", type=int, default=150, help="steps per object of the decoder fine-tune")
+    p.add_argument("--overlays", type=int, default=4, help="test targets shown side by side for every method")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     settings = Settings(
         dataset=a.dataset, out=a.out, backbone=a.backbone, preset=a.preset, checkpoint=a.checkpoint, steps=a.steps,
         train_support=a.train_support, test_support=a.test_support, views=a.views, draws=a.draws,
-        train_sizes=tuple(a.train_sizes), support_sizes=tuple(a.support_sizes), studies=tuple(a.studies), seed=a.seed,
+        train_sizes=tuple(a.train_sizes), support_sizes=tuple(a.support_sizes), studies=tuple(a.studies), methods=tuple(a.methods),
+        finetune_steps=a.finetune_steps, overlays=a.overlays, seed=a.seed,
     )  # fmt: skip
     protocol = Protocol(settings)
     protocol.run()

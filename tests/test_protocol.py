@@ -1,9 +1,10 @@
-"""The protocol report on a tiny run produces every section."""
+"""The protocol report on a tiny run produces every section, for PPG and every peer method."""
 
 from __future__ import annotations
 
 import json
 
+from proxyprompt.baselines import METHODS
 from proxyprompt.data.demo import write_family
 from proxyprompt.protocol import Protocol, Settings
 
@@ -12,14 +13,28 @@ def test_tiny_protocol_writes_every_section(tmp_path):
     data = write_family(tmp_path, "ultrasound", n_train=4, n_val=0, n_test=2, seed=2)
     s = Settings(
         dataset=data, out=tmp_path / "report", backbone="sam_tiny", preset="tiny", steps=2, train_support=2,
-        test_support=2, views=2, draws=2, train_sizes=(2, 4), support_sizes=(1, 2, 4),
+        test_support=2, views=2, draws=2, train_sizes=(2, 4), support_sizes=(1, 2, 4), finetune_steps=2, overlays=2,
     )  # fmt: skip
     p = Protocol(s)
     res = p.run()
     text = p.write().read_text()
-    for heading in ("## Table 1", "## Table 2", "## Fig. 7", "## Fig. 4"):
+    for heading in ("## Table 1", "### Latency", "## Table 2", "## Fig. 7", "## Fig. 4"):
         assert heading in text
+    methods = res["methods"]
+    assert list(methods) == list(METHODS)
+    for m in methods.values():
+        assert m["name"] in text and len(m["dice"]) == 2 and m["seconds"] > 0
+        assert len(m["draws"]) == 2 and all(len(d) == 2 for d in m["draws"])
+    assert methods["ppg"]["models_trained"] == 1 and methods["finetune"]["models_trained"] == 2
+    assert methods["box"]["models_trained"] == 0 and methods["persam"]["models_trained"] == 0
     assert len(res["table2"]) == 4 and set(res["fig7"]) == {"2,1", "2,2", "4,1", "4,2", "4,4"}
-    assert len(res["fig4"]) == 2 and all(len(d) == 2 for d in res["fig4"])
-    assert (s.out / "fig7_support_sizes.png").stat().st_size > 0 and (s.out / "fig4_stability.png").is_file()
-    assert json.loads((s.out / "results.json").read_text())["table1"] == res["table1"]
+    for figure in ("table1_methods.png", "methods_overlays.png", "fig4_stability.png", "fig7_support_sizes.png"):
+        assert (s.out / figure).stat().st_size > 0 and f"]({figure})" in text
+    assert json.loads((s.out / "results.json").read_text())["methods"]["box"]["dice"] == methods["box"]["dice"]
+
+
+def test_methods_are_checked(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="methods must be among"):
+        Settings(dataset=tmp_path, out=tmp_path, methods=("ppg", "clicks"))

@@ -52,8 +52,11 @@ class Backbone(nn.Module):
 
     Subclasses set ``model`` (the library's own module), ``img_size``, ``feat_size``, ``embed_dim``, the regexes
     ``encoder_lora_targets`` / ``decoder_lora_targets`` (module names, relative to this adapter, that get LoRA) and
-    implement ``normalize``, ``encode`` and ``_decode_one``.
+    implement ``normalize``, ``encode`` and ``_decode_one``. ``prompt_kinds`` names the prompts the model was trained
+    with (the prompted baselines leave out the others).
     """
+
+    prompt_kinds: tuple[str, ...] = ("point", "box", "mask")
 
     name: str
     img_size: int

@@ -74,6 +74,8 @@ class LiteMedSamBackbone(SamBackbone):
     """LiteMedSAM: 256x256 input, TinyViT encoder; images min-max normalised to [0, 1] as in MedSAM."""
 
     encoder_lora_targets = r"model\.image_encoder\.layers\.\d+\.blocks\.\d+\.attn\.qkv"
+    # trained with box prompts only, like MedSAM: a point or a mask prompt alone gives an empty mask
+    prompt_kinds = ("box",)
 
     def normalize(self, x: Tensor) -> Tensor:
         lo, hi = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)

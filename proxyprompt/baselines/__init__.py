@@ -1,0 +1,25 @@
+"""PPG's peers in one harness: the same backbone, preprocessing, data and metrics (see `protocol`)."""
+
+from __future__ import annotations
+
+from .base import Method, Pairs, Target
+from .finetune import DecoderFineTune
+from .medpersam import MedPerSAM
+from .persam import PerSAM
+from .ppg import ProxyPrompt
+from .prompted import BoxPrompt, OnePoint
+
+# name on the command line -> the method's class; "ppg" is built from the protocol's trained model
+BASELINES: dict[str, type[Method]] = {
+    "box": BoxPrompt,
+    "point": OnePoint,
+    "persam": PerSAM,
+    "medpersam": MedPerSAM,
+    "finetune": DecoderFineTune,
+}
+METHODS = ("ppg", *BASELINES)
+
+__all__ = [
+    "BASELINES", "METHODS", "BoxPrompt", "DecoderFineTune", "MedPerSAM", "Method", "OnePoint", "Pairs", "PerSAM",
+    "ProxyPrompt", "Target",
+]  # fmt: skip
