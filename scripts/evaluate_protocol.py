@@ -34,8 +34,8 @@ def main() -> None:
     settings = Settings(
         dataset=a.dataset, out=a.out, backbone=a.backbone, preset=a.preset, checkpoint=a.checkpoint, steps=a.steps,
         train_support=a.train_support, test_support=a.test_support, views=a.views, draws=a.draws,
-        train_sizes=tuple(a.train_sizes), support_sizes=tuple(a.support_sizes), studies=tuple(a.studies), methods=tuple(a.methods),
-        finetune_steps=a.finetune_steps, overlays=a.overlays, seed=a.seed,
+        train_sizes=tuple(a.train_sizes), support_sizes=tuple(a.support_sizes), studies=tuple(a.studies),
+        methods=tuple(a.methods), finetune_steps=a.finetune_steps, overlays=a.overlays, seed=a.seed,
     )  # fmt: skip
     protocol = Protocol(settings)
     protocol.run()

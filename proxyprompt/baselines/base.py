@@ -112,7 +112,8 @@ class Method:
         fallback_box: Tensor | None = None,
     ) -> Tensor:
         """One object's prompts -> (h4, w4) low-res logits. Points and mask are left out where the backbone was not
-        trained with them (`Backbone.prompt_kinds`); ``fallback_box`` stands in for the points then.
+        trained with them (`Backbone.prompt_kinds`); ``fallback_box`` stands in for the points then. No prompt left:
+        an empty mask.
 
         Args:
             points: (P, 2) xy in input pixels and (P,) labels (1 positive, 0 negative).
@@ -124,6 +125,9 @@ class Method:
             points, box = None, box if box is not None else fallback_box
         if "mask" not in bb.prompt_kinds:
             mask = None
+        if points is None and box is None and mask is None:
+            side = bb.prompt_encoder.mask_input_size
+            return torch.full(tuple(side), EMPTY_LOGIT, device=bb.device)
         sparse, dense = bb.prompt_encoder(
             points=None if points is None else (points[0][None].to(bb.device), points[1][None].int().to(bb.device)),
             boxes=None if box is None else box[None].to(bb.device),

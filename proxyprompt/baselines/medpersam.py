@@ -65,7 +65,7 @@ class MedPerSAM(Method):
 
     def set_support(self, support: Pairs) -> None:
         self.support = support
-        self.protos, self.shown = prototypes(support)
+        self.protos = prototypes(support)
 
     def warped_masks(self, target: Target) -> Tensor:
         """(N, S, S) support masks registered onto the target, averaged over the pairs showing each object."""
@@ -82,7 +82,7 @@ class MedPerSAM(Method):
     def predict(self, target: Target, seed: int = 0) -> Tensor:
         bb = self.backbone
         warped = self.warped_masks(target)  # (N, S, S) in [0, 1]
-        sim = similarity(target, self.protos)  # (N, h, w)
+        sim = similarity(target, self.protos.fg)  # (N, h, w)
         side = sim.shape[-1]
         low_side = bb.prompt_encoder.mask_input_size[0]
         low = torch.logit(
@@ -93,7 +93,7 @@ class MedPerSAM(Method):
             regions = downsample((low > 0).float(), side) > 0.5  # (N, h, w)
             low = torch.stack([self.refine(target, low[i], regions[i], sim[i]) for i in range(len(low))])
         out = self.to_original(low, target)
-        out[:, ~self.shown] = self.empty(target)[:, ~self.shown]
+        out[:, ~self.protos.shown] = self.empty(target)[:, ~self.protos.shown]
         return out
 
     def refine(self, target: Target, low: Tensor, region: Tensor, sim: Tensor) -> Tensor:

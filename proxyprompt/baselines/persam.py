@@ -4,6 +4,8 @@ cascaded refinement. PerSAM is one-shot; with K support pairs the prototype is t
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -11,17 +13,24 @@ from torch import Tensor
 from .base import Method, Pairs, Target, cell_centres, component_at, downsample, mask_box, valid_grid
 
 
-def prototypes(support: Pairs) -> tuple[Tensor, Tensor]:
-    """Unit-norm prototype per object: the mask-weighted mean of the support's unit-norm features.
+class Prototypes(NamedTuple):
+    """Per object: unit-norm mean support features inside (``fg``, (N, C)) and outside (``bg``) its masks, and
+    ``shown`` (N,) whether any support pair shows it."""
 
-    Returns:
-        (N, C) prototypes and (N,) bool: whether any support pair shows the object.
-    """
+    fg: Tensor
+    bg: Tensor
+    shown: Tensor
+
+
+def prototypes(support: Pairs) -> Prototypes:
+    """The mask-weighted means of the support's unit-norm features (PerSAM's target embedding), and of the rest."""
     feats = F.normalize(support.features.embed, dim=1)  # (K, C, h, w)
-    weights = downsample(support.masks, feats.shape[-1])  # (K, N, h, w) area fractions
-    total = torch.einsum("kchw,knhw->nc", feats, weights)
-    mass = weights.sum(dim=(0, 2, 3))
-    return F.normalize(total, dim=1), mass > 0
+    inside = downsample(support.masks, feats.shape[-1])  # (K, N, h, w) area fractions
+
+    def mean(weights: Tensor) -> Tensor:
+        return F.normalize(torch.einsum("kchw,knhw->nc", feats, weights), dim=1)
+
+    return Prototypes(mean(inside), mean(1 - inside), inside.sum(dim=(0, 2, 3)) > 0)
 
 
 def similarity(target: Target, protos: Tensor) -> Tensor:
@@ -39,28 +48,35 @@ def unit_range(maps: Tensor, valid: Tensor) -> Tensor:
 
 class PerSAM(Method):
     """Positive point at the target location most similar to the prototype, negative at the least similar, the
-    similarity map as mask prompt; then one cascaded pass: the same points, the first mask's box and its logits."""
+    similarity map as mask prompt; then one cascaded pass: the same points, the first mask's box and its logits.
+
+    On a backbone that takes no points the first pass gets a box instead: around the connected region of target cells
+    closer to the object's prototype than to the support's background prototype, the one holding the cell where that
+    margin is largest (no such cell: an empty mask).
+    """
 
     name = "PerSAM-style (training-free)"
 
     def set_support(self, support: Pairs) -> None:
-        self.protos, self.shown = prototypes(support)
+        self.protos = prototypes(support)
 
     @torch.no_grad()
     def predict(self, target: Target, seed: int = 0) -> Tensor:
         bb = self.backbone
-        sim = similarity(target, self.protos)  # (N, h, w)
+        sim = similarity(target, self.protos.fg)  # (N, h, w)
+        margin = sim - similarity(target, self.protos.bg)  # > 0: closer to the object than to the background
         side, low_side = sim.shape[-1], bb.prompt_encoder.mask_input_size[0]
         valid = valid_grid(target.geo, bb.img_size, side)
         prior = unit_range(sim, valid)  # (N, h, w) in [0, 1]
         out = self.empty(target)
-        for i in torch.nonzero(self.shown).flatten().tolist():
+        for i in torch.nonzero(self.protos.shown).flatten().tolist():
             pos = int(prior[i].masked_fill(~valid, -1).argmax())
             neg = int(prior[i].masked_fill(~valid, 2).argmin())
             points = (cell_centres(torch.tensor([pos, neg]), side, bb.img_size), torch.tensor([1, 0]))
-            # where points cannot be given: the box of the high-similarity region around the most similar cell
-            region = component_at(prior[i] > 0.5, pos)
-            fallback = mask_box(region.float()) * (bb.img_size / side)
+            # the box that stands in for the points where they cannot go
+            region = component_at((margin[i] > 0) & valid, int(margin[i].masked_fill(~valid, -2).argmax()))
+            fallback = mask_box(region.float())
+            fallback = None if fallback is None else fallback * (bb.img_size / side)
             mask = 20 * (F.interpolate(prior[i][None, None], size=(low_side, low_side), mode="bilinear")[0, 0] - 0.5)
             low = self.prompt(target, points=points, mask=mask, fallback_box=fallback)
             box = mask_box((low > 0).float())
