@@ -111,7 +111,10 @@ class Protocol:
         bank = self.bank.subset(list(range(min(m, len(self.bank)))))
         k = min(self.s.train_support, m - 1)
         optimizer = make_optimizer(model)
-        train_episodes(model, bank, steps=self.s.steps, num_support=k, optimizer=optimizer, seed=self.s.seed)
+        train_episodes(
+            model, bank, steps=self.s.steps, num_support=k, optimizer=optimizer, seed=self.s.seed,
+            progress=f"PPG on {m} pairs",
+        )  # fmt: skip
         return model
 
     def support_draw(self, pool: int, g: int, draw: int) -> list[int]:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from .backbones.base import Backbone, Features
 from .data.contract import Sample
@@ -182,17 +183,18 @@ def train_episodes(
     loss_fn=None,
     seed: int = 0,
     until: float | None = None,
+    progress: str | None = None,
 ) -> list[float]:
     """A plain loop over ``steps`` random episodes (the bundle's trainer runs the same step in ignite), by default
     with the Dice loss (paper Eq. 13); returns the losses. ``until`` (a ``time.monotonic()`` value) ends the loop
-    early when reached; at least one step runs."""
+    early when reached; at least one step runs. ``progress`` names a progress bar (none when None)."""
     net = EpisodeNet(model, bank)
     rng = np.random.default_rng(seed)
     optimizer = optimizer or make_optimizer(model)
     loss_fn = loss_fn or DiceLoss(sigmoid=True)
     losses = []
     net.train()
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=progress, leave=False, disable=progress is None):
         if losses and until is not None and time.monotonic() >= until:
             break
         logits, truth = net(bank.draw(rng, num_support))

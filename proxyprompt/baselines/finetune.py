@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import Tensor
+from tqdm import tqdm
 
 from ..backbones.base import Backbone
 from ..lora import add_lora
@@ -65,7 +66,7 @@ class DecoderFineTune(Method):
             opt = torch.optim.AdamW(self.lora, lr=self.lr)
             losses = []
             self.tuned.train()
-            for _ in range(self.steps):
+            for _ in tqdm(range(self.steps), desc=f"decoder fine-tune, object {n + 1}", leave=False):
                 idx = [int(i) for i in rng.choice(len(train), min(self.batch, len(train)), replace=False)]
                 logits = self.tuned.decode(train.features.select(idx), self._no_prompt(len(idx)))  # (B, 1, h, w)
                 truth = F.interpolate(train.masks[idx][:, n : n + 1], size=logits.shape[-2:], mode="area") > 0.5
