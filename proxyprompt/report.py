@@ -15,11 +15,11 @@ if TYPE_CHECKING:
 
 
 def _table(
-    names: list[str], rows: list[tuple[str, list[float]]], extra: dict[str, list[str]] | None = None
+    names: list[str], rows: list[tuple[str, list[float]]], extra: dict[str, list[str]] | None = None, first: str = ""
 ) -> list[str]:
     """A markdown table: one row per (label, Dice per object), the mean, then ``extra`` columns."""
     extra = extra or {}
-    lines = ["| " + " | ".join(["", *names, "mean", *extra]) + " |", "|" + "---|" * (len(names) + 2 + len(extra))]
+    lines = ["| " + " | ".join([first, *names, "mean", *extra]) + " |", "|" + "---|" * (len(names) + 2 + len(extra))]
     for r, (label, dice) in enumerate(rows):
         cells = [label, *[f"{v:.3f}" for v in dice], f"{np.nanmean(dice):.3f}", *[col[r] for col in extra.values()]]
         lines.append("| " + " | ".join(cells) + " |")
@@ -102,8 +102,9 @@ def _methods_section(p: Protocol, rows: dict, save, plt) -> list[str]:
         [(m["name"], m["dice"]) for m in rows.values()],
         {
             "models trained": [str(m["models_trained"]) for m in rows.values()],
-            "given per target": [m["needs"] for m in rows.values()],
+            "the user gives": [m["needs"] for m in rows.values()],
         },
+        first="method",
     )
     if "point" not in res.get("prompt_kinds", ["point"]):
         lines += [
@@ -139,7 +140,7 @@ def _methods_section(p: Protocol, rows: dict, save, plt) -> list[str]:
     lines += ["", f"![Dice per object and method]({save(fig, 'table1_methods.png')})", ""]
     keep = min(s.overlays, len(p.targets))
     if keep and p.overlays:
-        cols = ["ground truth", *[rows[k]["name"] for k in p.overlays if k in rows]]
+        cols = ["ground truth", *[rows[k]["name"].split(" (")[0] for k in p.overlays if k in rows]]
         fig, axes = plt.subplots(keep, len(cols), figsize=(2.2 * len(cols), 2.3 * keep), squeeze=False)
         for r in range(keep):
             t = p.targets[r]

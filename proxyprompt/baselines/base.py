@@ -68,12 +68,12 @@ class Method:
 
     ``fit`` sees the training pairs once (methods that train do so there), ``set_support`` sees each support draw,
     ``predict`` segments one target. ``models_trained`` is the paper's "Training times" column: how many models must
-    be trained to segment all N objects. ``needs`` says what a user gives per target. ``uses_support`` is False for
+    be trained to segment all N objects. ``needs`` says what a user gives. ``uses_support`` is False for
     methods whose result does not depend on the support draw (prompted by a human, or trained on the training set).
     """
 
     name: str = ""
-    needs: str = "the support set"  # what a user gives for each target
+    needs: str = "K support pairs, once"  # what a user gives
     uses_support: bool = True
 
     def __init__(self, backbone: Backbone) -> None:
