@@ -12,7 +12,9 @@ from .lora import add_lora, freeze_base
 from .modeling.bridge import BridgeUnit
 from .modeling.colorization import ContextualColorization, PooledContext
 from .modeling.generator import ProxyPromptGenerator
+from .modeling.memory_prompt import MemoryPrompt
 from .modeling.proxy_sam import ProxyPromptSAM
+from .modeling.proxy_sam2_video import ProxyPromptVideo
 from .modeling.selective_map import MeanContext, SelectiveMap
 from .modeling.vision_mamba import VisionMambaEncoder
 
@@ -111,6 +113,7 @@ def build_model(
     *,
     pretrained: bool = True,
     backbone_kwargs: dict | None = None,
+    video: bool = False,
     **overrides,
 ) -> ProxyPromptSAM:
     """Build a ProxyPromptSAM.
@@ -122,14 +125,23 @@ def build_model(
         ppg_checkpoint: trained PPG + LoRA weights from `save_ppg`.
         pretrained: False builds the backbone with random weights (tests).
         backbone_kwargs: passed to the backbone builder (e.g. sam2 ``image_size`` or ``config``).
+        video: SAM 2 in video mode (`ProxyPromptVideo`: P in memory attention); needs the sam2 backbone.
     """
+    if video and backbone != "sam2":
+        raise ValueError(f"video mode needs backbone='sam2', got {backbone!r}")
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     settings = replace(PRESETS[preset], **overrides)
     net = build_backbone(backbone, checkpoint, pretrained=pretrained, backbone_kwargs=backbone_kwargs)
     add_lora(net, rank=settings.lora_rank, sites=settings.lora_sites)
     config = {"backbone": backbone, "preset": preset, **asdict(settings), "lora_sites": list(settings.lora_sites)}
-    model = ProxyPromptSAM(backbone=net, generator=build_generator(settings, net), config=config)
+    generator = build_generator(settings, net)
+    if video:
+        memory_prompt = MemoryPrompt(net.embed_dim, net.model.mem_dim)
+        config["video"] = True
+        model = ProxyPromptVideo(backbone=net, generator=generator, memory_prompt=memory_prompt, config=config)
+    else:
+        model = ProxyPromptSAM(backbone=net, generator=generator, config=config)
     freeze_base(model)
     if ppg_checkpoint is not None:
         load_ppg(model, ppg_checkpoint)

@@ -29,8 +29,9 @@ def add_lora(backbone: Backbone, *, rank: int, sites: tuple[str, ...]) -> None:
 
 
 def is_trainable(name: str) -> bool:
-    """PPG and LoRA parameters train; every original backbone weight stays frozen."""
-    return name.startswith("generator.") or ".lora_" in name
+    """PPG (with its projection into SAM 2's memory, video mode) and LoRA parameters train; every original backbone
+    weight stays frozen."""
+    return name.startswith(("generator.", "memory_prompt.")) or ".lora_" in name
 
 
 def freeze_base(model: nn.Module) -> list[str]:

@@ -47,11 +47,20 @@ class Sam2Backbone(Backbone):
         return (x - self.mean) / self.std
 
     def encode(self, x: Tensor) -> Features:
-        backbone_out = self.model.forward_image(x)
-        _, vision_feats, _, feat_sizes = self.model._prepare_backbone_features(backbone_out)
-        if self.model.directly_add_no_mem_embed:
-            vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
-        maps = [f.permute(1, 2, 0).reshape(x.shape[0], -1, *s) for f, s in zip(vision_feats, feat_sizes, strict=True)]
+        return self.image_features(*self.frame_features(x)[::2])
+
+    def frame_features(self, x: Tensor) -> tuple[list[Tensor], list[Tensor], list[tuple[int, int]]]:
+        """(B, 3, S, S) -> SAM 2's own per-level lists: features (HW, B, C), their positional encodings, (H, W)."""
+        _, vision_feats, vision_pos, feat_sizes = self.model._prepare_backbone_features(self.model.forward_image(x))
+        return vision_feats, vision_pos, feat_sizes
+
+    def image_features(self, vision_feats: list[Tensor], feat_sizes: list[tuple[int, int]]) -> Features:
+        """SAM 2's per-level features -> Features of a frame with no memory (``no_mem_embed`` added)."""
+        b = vision_feats[-1].shape[1]
+        last = vision_feats[-1] + self.model.no_mem_embed if self.model.directly_add_no_mem_embed else vision_feats[-1]
+        maps = [
+            f.permute(1, 2, 0).reshape(b, -1, *s) for f, s in zip([*vision_feats[:-1], last], feat_sizes, strict=True)
+        ]
         # (HW, B, C) -> (B, C, H, W) per level, finest first
         return Features(maps[-1], tuple(maps[:-1]) if self.model.use_high_res_features_in_sam else ())
 
