@@ -108,7 +108,7 @@ def encoder_frame(backbone: Backbone, image: Tensor, masks: Tensor) -> tuple[Ten
 
 
 def as_banks(bank: EpisodeBank | Sequence[EpisodeBank]) -> list[EpisodeBank]:
-    banks = [bank] if isinstance(bank, EpisodeBank) else list(bank)
+    banks = list(bank) if isinstance(bank, list | tuple) else [bank]  # one bank of any kind, or several
     if not banks:
         raise ValueError("no training data: give at least one EpisodeBank")
     return banks

@@ -120,3 +120,65 @@ def test_video_mode_needs_sam2_and_its_checkpoint(tmp_path):
         build_model("sam_tiny", "tiny", video=True)
     with pytest.raises(FileNotFoundError, match="sam2 release"):
         build_model("sam2", "tiny", checkpoint=str(tmp_path / "sam2.1_hiera_tiny.pt"), video=True)
+
+
+# --- clips and video episodes ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_videos(tmp_path_factory):
+    from proxyprompt.data.video import write_demo_videos
+
+    return write_demo_videos(tmp_path_factory.mktemp("videos"), n_train=3, n_val=1, n_test=1, frames=4, seed=3)
+
+
+def test_demo_videos_group_into_ordered_clips_split_by_subject(demo_videos):
+    from proxyprompt.data.video import load_clips
+
+    train, test = load_clips(demo_videos, "training"), load_clips(demo_videos, "test")
+    assert len(train) == 3 and len(test) == 1 and not {c.name for c in train} & {c.name for c in test}
+    clip = train[0]
+    assert clip.frames.shape == (4, 1, 256, 256) and clip.masks([1, 2]).shape == (4, 2, 256, 256)
+    heads = [float(torch.nonzero(clip.labels[f] == 2).float()[:, 0].mean()) for f in range(4)]
+    assert heads == sorted(heads) and heads[-1] > heads[0]  # the fetal head descends frame by frame
+
+
+def test_volume_slices_and_badly_named_frames(tmp_path):
+    from proxyprompt.data.contract import Sample
+    from proxyprompt.data.video import as_clips
+
+    img, lab = torch.zeros(1, 8, 8), torch.ones(8, 8, dtype=torch.long)
+    clips = as_clips([Sample(img + z, lab, f"/d/ct1.nii.gz#2:{z}") for z in (5, 3, 4)])
+    assert len(clips) == 1 and [float(f.mean()) for f in clips[0].frames] == [3.0, 4.0, 5.0]
+    with pytest.raises(ValueError, match="<video>_<frame>"):
+        as_clips([Sample(img, lab, "/d/images/frame.png")])
+
+
+def test_video_episodes_take_another_subjects_support_and_learn(video_model, demo_videos):
+    import numpy as np
+    from monai.losses import DiceLoss
+
+    from proxyprompt.data.video import load_clips
+    from proxyprompt.video_training import ClipBank, VideoEpisodeNet, train_video_episodes
+
+    bank = ClipBank(video_model, load_clips(demo_videos, "training"), [1, 2], length=2)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        ep = bank.draw(rng)
+        assert ep["support_clip"] != ep["target"] and ep["objects"]
+    net = VideoEpisodeNet(video_model, bank)
+    ep = bank.draw(np.random.default_rng(3))
+    state = {k: v.clone() for k, v in video_model.state_dict().items()}
+    opt = torch.optim.Adam([p for p in video_model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    net.train()
+    for _ in range(8):
+        logits, truth = net(ep)
+        assert logits.shape == truth.shape == (2, len(ep["objects"]), 64, 64)
+        loss = DiceLoss(sigmoid=True)(logits, truth)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.003 and all(b <= a + 1e-4 for a, b in zip(losses, losses[1:], strict=False))
+    assert len(train_video_episodes(video_model, bank, steps=2)) == 2
+    video_model.load_state_dict(state)  # leave the shared fixture as it was
+    video_model.eval()

@@ -93,31 +93,61 @@ def fundus(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray, np.nd
 
 def ultrasound(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Grey intrapartum-ultrasound-like image (H, W) uint8 with speckle; labels 1 pubic symphysis, 2 fetal head."""
+    shapes = _ultrasound_shapes(rng, size)
+    field = _blur(rng, (size, size), 24)
+    levels = rng.uniform(35, 55), rng.uniform(170, 210), rng.uniform(150, 190)  # head, skull, symphysis
+    return _ultrasound_frame(rng, shapes, field, levels, size)
+
+
+def ultrasound_video(rng: np.random.Generator, frames: int = 20, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """An intrapartum-ultrasound-like clip (F, H, W) uint8 and labels (F, H, W): one subject whose fetal head descends
+    and turns across the frames (the symphysis stays), with fresh speckle in every frame."""
+    shapes = _ultrasound_shapes(rng, size)
+    field = _blur(rng, (size, size), 24)
+    levels = rng.uniform(35, 55), rng.uniform(170, 210), rng.uniform(150, 190)
+    travel = rng.uniform(0.06, 0.12) * size * np.array([1.0, rng.uniform(-0.5, 0.5)])  # down, a little sideways
+    turn = rng.uniform(-0.3, 0.3)
+    images, labels = [], []
+    for f in range(frames):
+        t = f / max(frames - 1, 1)
+        moved = {**shapes, "fh_c": tuple(np.array(shapes["fh_c"]) + t * travel), "angle": shapes["angle"] + t * turn}
+        image, label = _ultrasound_frame(rng, moved, field, levels, size)
+        images.append(image)
+        labels.append(label)
+    return np.stack(images), np.stack(labels)
+
+
+def _ultrasound_shapes(rng: np.random.Generator, size: int) -> dict:
+    return {
+        "fh_c": (rng.uniform(0.55, 0.7) * size, rng.uniform(0.45, 0.62) * size),
+        "fh_r": (rng.uniform(0.2, 0.27) * size, rng.uniform(0.24, 0.32) * size),
+        "angle": rng.uniform(-0.5, 0.5),
+        "ps": (
+            rng.uniform(0.22, 0.32) * size,
+            rng.uniform(0.3, 0.42) * size,
+            rng.uniform(6, 9),
+            rng.uniform(14, 22),
+            rng.uniform(-0.8, -0.3),
+        ),
+    }
+
+
+def _ultrasound_frame(
+    rng: np.random.Generator, shapes: dict, field: np.ndarray, levels: tuple[float, float, float], size: int
+) -> tuple[np.ndarray, np.ndarray]:
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
     r, ang = np.hypot(yy + 0.1 * size, xx - size / 2), np.arctan2(xx - size / 2, yy + 0.1 * size)
     sector = (r < 1.05 * size) & (np.abs(ang) < 0.75)
-    fh_c = (rng.uniform(0.55, 0.7) * size, rng.uniform(0.45, 0.62) * size)
-    fh_r = (rng.uniform(0.2, 0.27) * size, rng.uniform(0.24, 0.32) * size)
-    angle = rng.uniform(-0.5, 0.5)
+    fh_c, fh_r, angle = shapes["fh_c"], shapes["fh_r"], shapes["angle"]
     head = _ellipse(yy, xx, *fh_c, *fh_r, angle)
     skull = head & ~_ellipse(yy, xx, *fh_c, fh_r[0] - 5, fh_r[1] - 5, angle)
-    ps = _ellipse(
-        yy,
-        xx,
-        rng.uniform(0.22, 0.32) * size,
-        rng.uniform(0.3, 0.42) * size,
-        rng.uniform(6, 9),
-        rng.uniform(14, 22),
-        rng.uniform(-0.8, -0.3),
-    )
+    ps = _ellipse(yy, xx, *shapes["ps"])
     label = np.zeros((size, size), np.uint8)
     label[head] = 2
     label[ps & ~head] = 1
 
-    tissue = 70 + 25 * _blur(rng, (size, size), 24)
-    tissue[head] = rng.uniform(35, 55)
-    tissue[skull] = rng.uniform(170, 210)
-    tissue[ps] = rng.uniform(150, 190)
+    tissue = 70 + 25 * field
+    tissue[head], tissue[skull], tissue[ps] = levels
     speckle = rng.rayleigh(1.0, (size, size)) / np.sqrt(np.pi / 2)  # unit-mean multiplicative speckle
     img = tissue * speckle * (1 - 0.4 * r / size)
     img[~sector] = 0

@@ -38,6 +38,10 @@ class Frames:
     def __len__(self) -> int:
         return self.feats[-1].shape[1]
 
+    def select(self, index: slice | list[int]) -> Frames:
+        """The frames at ``index`` (a slice, or a list of positions)."""
+        return Frames([x[:, index] for x in self.feats], [x[:, index] for x in self.pos], self.sizes)
+
     def frame(self, f: int, n: int) -> tuple[list[Tensor], list[Tensor]]:
         """Frame f's features and encodings for a batch of n objects: (HW, n, C) per level."""
         return [x[:, f : f + 1].expand(-1, n, -1) for x in self.feats], [
@@ -108,10 +112,11 @@ class ProxyPromptVideo(ProxyPromptSAM):
         return self.memory_prompt(tokens[0])  # (N, T, C) -> (T, N, M)
 
     # --- support ---------------------------------------------------------------------------------------------------
-    def video_support(self, x: Tensor, masks: Tensor) -> VideoSupport:
+    def video_support(self, x: Tensor, masks: Tensor, frames: Frames | None = None) -> VideoSupport:
         """Preprocessed support pairs (K, 3, S, S) and masks (K, N, S, S) -> the PPG embedding and, per pair, SAM 2's
-        conditioning output for the N objects (its memory features, their encodings and object pointers)."""
-        frames = self.encode_frames(x)
+        conditioning output for the N objects (its memory features, their encodings and object pointers).
+        ``frames``: the pairs' features if already computed (`encode_frames`)."""
+        frames = frames if frames is not None else self.encode_frames(x)
         features = self.backbone.image_features(frames.feats, frames.sizes)  # what the PPG reads in image mode too
         embedding = self.encode_prepared_support(x, masks, features)
         n = masks.shape[1]
