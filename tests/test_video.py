@@ -182,3 +182,17 @@ def test_video_episodes_take_another_subjects_support_and_learn(video_model, dem
     assert len(train_video_episodes(video_model, bank, steps=2)) == 2
     video_model.load_state_dict(state)  # leave the shared fixture as it was
     video_model.eval()
+
+
+def test_video_baselines_run_in_the_same_harness(video_model, clip):
+    from proxyprompt.baselines.video import first_frame_box_pass, mask_prompt_pass, pseudo_box_pass
+
+    frames, two, _ = clip
+    with torch.no_grad():
+        ppg = video_model.propagate(frames, two, 0, 3)
+        plain = mask_prompt_pass(video_model, frames, two, 0, 3)
+        sgp = pseudo_box_pass(video_model, frames, two, 2, -1, reverse=True)
+        boxed = first_frame_box_pass(video_model, frames, torch.tensor([[40.0, 40, 90, 90], [100, 150, 220, 200]]))
+    for out, keys in ((ppg, [0, 1, 2]), (plain, [0, 1, 2]), (sgp, [2, 1, 0]), (boxed, [0, 1, 2, 3, 4])):
+        assert list(out) == keys and all(v.shape == (2, 64, 64) and torch.isfinite(v).all() for v in out.values())
+    assert not torch.allclose(ppg[1], plain[1])  # the proxy prompt is what differs

@@ -15,7 +15,7 @@ masks, other objects) can take over at any frame, which starts a new memory bank
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -141,24 +141,46 @@ class ProxyPromptVideo(ProxyPromptSAM):
         Returns:
             frame index -> (N, h, w) low-res mask logits (SAM 2's 4x feature grid, the padded input frame).
         """
-        n, total = support.num_objects, len(frames)
-        step = -1 if reverse else 1
-        # the support memories sit just before the first frame of the pass (after it, backwards), so that SAM 2's
-        # "object pointers from the past only" rule keeps them and their temporal distance grows along the pass
-        anchor = start + (1 if reverse else -1)
-        cond = {anchor - step * k: m for k, m in enumerate(support.memories)}
-        output_dict = {"cond_frame_outputs": cond, "non_cond_frame_outputs": {}}
         attention: PromptedMemoryAttention = self.sam2.memory_attention
-        out = {}
-        for f in range(start, stop, step):
-            feats, pos = frames.frame(f, n)
+
+        def step(f: int, bank: dict) -> dict:
             with attention.prompting(self.frame_prompt(frames, f, support)):
-                current = self.sam2.track_step(
-                    frame_idx=f, is_init_cond_frame=False, current_vision_feats=feats,
-                    current_vision_pos_embeds=pos, feat_sizes=frames.sizes, point_inputs=None, mask_inputs=None,
-                    output_dict=output_dict, num_frames=total + len(support.memories) + 1, track_in_reverse=reverse,
-                )  # fmt: skip
-            output_dict["non_cond_frame_outputs"][f] = current
+                return self.track(frames, f, support.num_objects, bank, reverse=reverse)
+
+        return self.run_pass(support, start, stop, step, reverse=reverse)
+
+    def memory_bank(self, support: VideoSupport, start: int, reverse: bool) -> dict:
+        """SAM 2's ``output_dict`` for a pass from ``start``: the support memories as conditioning frames, placed
+        just before the first frame of the pass (after it, backwards), so that SAM 2's "object pointers from the past
+        only" rule keeps them and their temporal distance grows along the pass."""
+        step = -1 if reverse else 1
+        anchor = start - step
+        cond = {anchor - step * k: m for k, m in enumerate(support.memories)}
+        return {"cond_frame_outputs": cond, "non_cond_frame_outputs": {}}
+
+    def track(
+        self, frames: Frames, f: int, n: int, bank: dict, *, reverse: bool = False, point_inputs: dict | None = None,
+        run_mem_encoder: bool = True,
+    ) -> dict:  # fmt: skip
+        """SAM 2's own ``track_step`` on frame f for n objects, against the memories in ``bank``."""
+        feats, pos = frames.frame(f, n)
+        return self.sam2.track_step(
+            frame_idx=f, is_init_cond_frame=False, current_vision_feats=feats, current_vision_pos_embeds=pos,
+            feat_sizes=frames.sizes, point_inputs=point_inputs, mask_inputs=None, output_dict=bank,
+            num_frames=len(frames) + len(bank["cond_frame_outputs"]) + 1, track_in_reverse=reverse,
+            run_mem_encoder=run_mem_encoder,
+        )  # fmt: skip
+
+    def run_pass(
+        self, support: VideoSupport, start: int, stop: int, step: Callable[[int, dict], dict], *, reverse: bool
+    ) -> dict[int, Tensor]:
+        """One propagation pass: ``step(f, bank)`` returns SAM 2's output for frame f, which joins the bank as a
+        non-conditioning memory. Returns frame index -> (N, h, w) low-res logits."""
+        bank = self.memory_bank(support, start, reverse)
+        out = {}
+        for f in range(start, stop, -1 if reverse else 1):
+            current = step(f, bank)
+            bank["non_cond_frame_outputs"][f] = current
             out[f] = current["pred_masks"][:, 0]  # (N, 1, h, w) -> (N, h, w)
         return out
 
