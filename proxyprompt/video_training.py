@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import Tensor, nn
 
-from .data.episodes import to_byte_range
 from .data.video import Clip
 from .modeling.proxy_sam2_video import ProxyPromptVideo
 from .training import make_optimizer
@@ -37,7 +36,7 @@ class ClipBank:
         bb = model.backbone
         self.x, self.masks, self.frames = [], [], []
         for clip in clips:
-            x, geo = bb.preprocess(to_byte_range(clip.frames))
+            x, geo = bb.preprocess(clip.byte_frames())
             self.x.append(x)
             self.masks.append(bb.preprocess_masks(clip.masks(self.label_ids), geo))
             with torch.no_grad():

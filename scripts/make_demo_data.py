@@ -1,10 +1,12 @@
-"""Generate the demo datasets (fundus-like, ultrasound-like, CT-like) in the data contract; deterministic, offline."""
+"""Generate the demo datasets (fundus-like, ultrasound-like, CT-like; with --videos ultrasound-like clips) in the data
+contract; deterministic, offline."""
 
 from __future__ import annotations
 
 import argparse
 
 from proxyprompt.data.demo import FAMILIES, write_family, write_studies
+from proxyprompt.data.video import write_demo_videos
 
 
 def main() -> None:
@@ -22,7 +24,19 @@ def main() -> None:
     )
     parser.add_argument("--n-studies", type=int, default=8)
     parser.add_argument("--n-labelled", type=int, default=3, help="studies with a final label (with --studies)")
+    parser.add_argument(
+        "--videos",
+        action="store_true",
+        help="instead: write ultrasound-like clips (OUT/ultrasound_video) for video mode",
+    )
+    parser.add_argument("--frames", type=int, default=20, help="frames per clip (with --videos)")
     args = parser.parse_args()
+    if args.videos:
+        folder = write_demo_videos(
+            args.out, n_train=8, n_val=2, n_test=4, frames=args.frames, seed=args.seed
+        )  # clips, split by subject
+        print(f"wrote 14 clips of {args.frames} frames to {folder}")
+        return
     if args.studies:
         folder = write_studies(args.studies, n_studies=args.n_studies, n_labelled=args.n_labelled, seed=args.seed)
         print(f"wrote {args.n_studies} studies ({args.n_labelled} labelled) to {folder}")

@@ -160,6 +160,7 @@ def test_video_episodes_take_another_subjects_support_and_learn(video_model, dem
     from proxyprompt.video_training import ClipBank, VideoEpisodeNet, train_video_episodes
 
     bank = ClipBank(video_model, load_clips(demo_videos, "training"), [1, 2], length=2)
+    assert [len(f) for f in bank.frames] == [4, 4, 4] and bank.x[0].shape == (4, 3, 256, 256)
     rng = np.random.default_rng(0)
     for _ in range(5):
         ep = bank.draw(rng)
@@ -196,3 +197,18 @@ def test_video_baselines_run_in_the_same_harness(video_model, clip):
     for out, keys in ((ppg, [0, 1, 2]), (plain, [0, 1, 2]), (sgp, [2, 1, 0]), (boxed, [0, 1, 2, 3, 4])):
         assert list(out) == keys and all(v.shape == (2, 64, 64) and torch.isfinite(v).all() for v in out.values())
     assert not torch.allclose(ppg[1], plain[1])  # the proxy prompt is what differs
+
+
+def test_video_training_through_the_bundle(demo_videos, tmp_path):
+    from test_bundle import CONFIGS, bundle_run
+
+    bundle_run(
+        "training", "--config_file", f"['{CONFIGS / 'train.json'}','{CONFIGS / 'train_video.json'}']",
+        "--dataset_dir", str(demo_videos), "--output_dir", str(tmp_path), "--episodes_per_epoch", "2",
+        "--train#trainer#max_epochs", "1", "--clip_length", "2", "--preset", "tiny", "--pretrained", "False",
+        "--backbone_kwargs", "{'image_size': 256}",
+    )  # fmt: skip
+    state = torch.load(tmp_path / "model_final.pt", map_location="cpu", weights_only=True)
+    assert state["config"]["video"] and (tmp_path / "model.pt").is_file()  # best (validation) and final weights
+    assert any(k.startswith("memory_prompt.") for k in state["state_dict"])
+    assert all(k.startswith(("generator.", "memory_prompt.")) or ".lora_" in k for k in state["state_dict"])

@@ -18,6 +18,7 @@ from torch import Tensor
 from .contract import Sample, load_samples, read_split
 from .convert import split_ids, write_contract
 from .demo import ultrasound_video
+from .episodes import to_byte_range
 
 _FRAME = re.compile(r"^(?P<video>.+)_(?P<frame>\d+)$")
 
@@ -32,6 +33,10 @@ class Clip:
 
     def __len__(self) -> int:
         return self.frames.shape[0]
+
+    def byte_frames(self) -> Tensor:
+        """(F, 3, H, W) float in [0, 255], frame by frame as `to_byte_range` brings a 2D sample."""
+        return torch.stack([to_byte_range(f) for f in self.frames])
 
     def masks(self, label_ids: list[int]) -> Tensor:
         """(F, N, H, W) float binary masks, one channel per label id in that order."""
