@@ -3,6 +3,8 @@ evaluator that propagates every clip from it (train_video.json's validation)."""
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,9 +15,11 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .data.episodes import to_byte_range
-from .data.video import Clip, load_clips
+from .data.video import FRAME, Clip, load_clips
 from .modeling.proxy_sam2_video import ProxyPromptVideo, VideoSupport
-from .workflows import SupportSet
+from .workflows import FolderSegmenter, SupportSet, _suffix, as_slices, list_inputs, read_image, to_label, write_label
+
+logger = logging.getLogger("proxyprompt")
 
 
 class ClipDataset(Dataset):
@@ -67,3 +71,73 @@ class VideoEvaluator(SupervisedEvaluator):
         with torch.no_grad():
             logits = segment_clip(self.network, batchdata["image"].to(engine.state.device), engine.state.support)
         return {"pred": (logits > 0).float().cpu(), "label": batchdata["label"], "source": batchdata["source"]}
+
+
+class VideoFolderSegmenter(FolderSegmenter):
+    """Segments every clip of a folder by propagation from one support set (frames of other subjects), the support
+    encoded once: each 3D volume is a clip (its slices along ``axis``, written back as one NIfTI label with the
+    volume's geometry); 2D frames named ``<video>_<frame>`` make one clip per video (one PNG label per frame).
+    Propagation starts at ``start_fraction`` of the clip (0: first frame, 0.5: middle slice) and runs both ways.
+    A clip that cannot be read or segmented is reported and skipped; the others are still written."""
+
+    def __init__(
+        self, model: ProxyPromptVideo, support: SupportSet, *, axis: int = 2, start_fraction: float = 0.0
+    ) -> None:
+        if not 0 <= start_fraction <= 1:
+            raise ValueError(f"start_fraction must be in [0, 1], got {start_fraction}")
+        super().__init__(model, support, axis=axis)
+        self.start_fraction = start_fraction
+
+    def __call__(self, input_dir: str | Path, output_dir: str | Path) -> dict:
+        inputs = list_inputs(input_dir)
+        self.model.eval()
+        with torch.no_grad():
+            support = video_support(self.model, self.support)
+        clips: dict[str, list[Path]] = {}
+        for path in inputs:
+            stem = path.name[: -len(_suffix(path))] if path.is_file() else path.name
+            match = FRAME.match(stem) if _suffix(path) in _FRAME_SUFFIXES else None
+            clips.setdefault(match["video"] if match else stem, []).append(path)
+        written, failed = {}, {}
+        for name, paths in clips.items():
+            try:
+                written[name] = [str(p) for p in self.segment_clip_files(paths, Path(output_dir), support)]
+                logger.info(f"{name}: {len(paths)} file(s) -> {len(written[name])} label file(s)")
+            except Exception as err:  # one bad clip must not stop the batch
+                failed[name] = f"{type(err).__name__}: {err}"
+                logger.error(f"skipped {name}: {failed[name]}")
+        report = {"written": written, "failed": failed, "objects": self.support.objects}
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "inference_report.json").write_text(json.dumps(report, indent=2, default=str))
+        if not written:
+            raise RuntimeError(f"no clip of {input_dir} could be segmented: {failed}")
+        return report
+
+    def segment_clip_files(self, paths: list[Path], output_dir: Path, support: VideoSupport) -> list[Path]:
+        images = [read_image(p, self.loader) for p in sorted(paths, key=_frame_number)]
+        if len(images) == 1 and images[0].dim() == 4:  # a volume: its slices are the frames
+            frames = as_slices(images[0], self.axis)
+        elif all(i.dim() == 3 for i in images):
+            frames = torch.cat([as_slices(i, self.axis) for i in images])
+        else:
+            raise ValueError("a clip is one 3D volume or 2D frames, not a mix")
+        start = round(self.start_fraction * (len(frames) - 1))
+        with torch.no_grad():
+            logits = segment_clip(self.model, torch.stack([to_byte_range(f) for f in frames]), support, start)
+        label = to_label(logits, self.support.label_ids)  # (F, H, W)
+        if images[0].dim() == 4:
+            name = paths[0].name[: -len(_suffix(paths[0]))] if paths[0].is_file() else paths[0].name
+            ext = _suffix(paths[0]) if _suffix(paths[0]) in (".nii", ".nii.gz", ".nrrd", ".mha") else ".nii.gz"
+            return [write_label(label.movedim(0, self.axis), images[0], output_dir, name, ext)]
+        return [
+            write_label(label[f].T, image, output_dir, p.name[: -len(_suffix(p))], ".png")
+            for f, (p, image) in enumerate(zip(sorted(paths, key=_frame_number), images, strict=True))
+        ]
+
+
+_FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def _frame_number(path: Path) -> int:
+    match = FRAME.match(path.name[: -len(_suffix(path))])
+    return int(match["frame"]) if match else 0

@@ -373,15 +373,20 @@ def label_slices(
 ) -> Tensor:
     """(Z, C, H, W) -> (Z, H, W) label map: at each pixel the label id of the most confident object with a positive
     logit, 0 where none is."""
-    ids = torch.tensor([0, *label_ids], dtype=torch.uint8)
     out = []
     for start in range(0, len(slices), chunk):
         part = torch.stack([to_byte_range(s) for s in slices[start : start + chunk]])
         with torch.no_grad():
-            logits = model.segment(part, embedding).cpu()  # (z, N, H, W)
-        best = logits.max(dim=1)
-        out.append(ids[torch.where(best.values > 0, best.indices + 1, 0)])
+            out.append(to_label(model.segment(part, embedding).cpu(), label_ids))  # (z, N, H, W) logits
     return torch.cat(out)
+
+
+def to_label(logits: Tensor, label_ids: Sequence[int]) -> Tensor:
+    """(Z, N, H, W) logits -> (Z, H, W) uint8 label map: at each pixel the label id of the most confident object with
+    a positive logit, 0 where none is."""
+    ids = torch.tensor([0, *label_ids], dtype=torch.uint8)
+    best = logits.max(dim=1)
+    return ids[torch.where(best.values > 0, best.indices + 1, 0)]
 
 
 def write_label(label: Tensor, image: MetaTensor, output_dir: str | Path, name: str, ext: str = ".nii.gz") -> Path:

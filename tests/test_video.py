@@ -212,3 +212,41 @@ def test_video_training_through_the_bundle(demo_videos, tmp_path):
     assert state["config"]["video"] and (tmp_path / "model.pt").is_file()  # best (validation) and final weights
     assert any(k.startswith("memory_prompt.") for k in state["state_dict"])
     assert all(k.startswith(("generator.", "memory_prompt.")) or ".lora_" in k for k in state["state_dict"])
+
+
+def test_video_inference_through_the_bundle_on_frames_and_volumes(demo_videos, tmp_path):
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+    from test_bundle import CONFIGS, bundle_run
+
+    from proxyprompt.data.demo import write_family
+
+    frames_in = tmp_path / "frames"
+    frames_in.mkdir()
+    for p in sorted((demo_videos / "images").glob("us000_*.png"))[:3]:
+        (frames_in / p.name).write_bytes(p.read_bytes())
+    ct = write_family(tmp_path, "ct", n_train=2, n_val=0, n_test=1, seed=1)
+    volumes_in = tmp_path / "volumes"
+    volumes_in.mkdir()
+    test_volume = sorted((ct / "images").glob("*.nii.gz"))[-1]
+    (volumes_in / test_volume.name).write_bytes(test_volume.read_bytes())
+    (volumes_in / "broken.nii.gz").write_text("not an image")
+    common = ["--preset", "tiny", "--pretrained", "False", "--backbone_kwargs", "{'image_size': 256}"]
+    files = f"['{CONFIGS / 'inference.json'}','{CONFIGS / 'inference_video.json'}']"
+    for support, inputs, out in (
+        (demo_videos, frames_in, tmp_path / "out_frames"),
+        (ct, volumes_in, tmp_path / "out_ct"),
+    ):
+        extra = ["--start_fraction", "0.5"] if support == ct else []
+        bundle_run(
+            "run", "--config_file", files, "--support_dir", str(support), "--input_dir", str(inputs),
+            "--output_dir", str(out), *common, *extra,
+        )  # fmt: skip
+    labels = sorted((tmp_path / "out_frames").glob("*.png"))
+    assert [p.name for p in labels] == sorted(p.name for p in frames_in.glob("*.png"))
+    assert np.array(Image.open(labels[0])).shape == (256, 256)
+    src, seg = nib.load(test_volume), nib.load(tmp_path / "out_ct" / test_volume.name)
+    assert seg.shape == src.shape and np.allclose(seg.affine, src.affine)
+    report = (tmp_path / "out_ct" / "inference_report.json").read_text()
+    assert "broken" in report and test_volume.name.split(".")[0] in report

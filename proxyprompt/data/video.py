@@ -20,7 +20,7 @@ from .convert import split_ids, write_contract
 from .demo import ultrasound_video
 from .episodes import to_byte_range
 
-_FRAME = re.compile(r"^(?P<video>.+)_(?P<frame>\d+)$")
+FRAME = re.compile(r"^(?P<video>.+)_(?P<frame>\d+)$")
 
 
 @dataclass
@@ -49,7 +49,7 @@ def frame_of(sample: Sample) -> tuple[str, int]:
         path, where = sample.source.split("#", 1)
         return path, int(where.split(":")[1])
     stem = Path(sample.source).name.split(".")[0]
-    match = _FRAME.match(stem)
+    match = FRAME.match(stem)
     if match is None:
         raise ValueError(f"{sample.source}: a video frame must be named <video>_<frame> (e.g. clip01_0007.png)")
     return match["video"], int(match["frame"])
