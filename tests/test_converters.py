@@ -12,6 +12,7 @@ from PIL import Image
 
 from proxyprompt.data.contract import load_samples, read_labels, read_split
 from proxyprompt.data.convert import convert_fpa, convert_jnu_ifm, convert_refuge2, convert_stare
+from proxyprompt.data.video import load_clips
 
 
 def _fake_fpa(root, n=5):
@@ -76,6 +77,8 @@ def test_jnu_ifm_splits_by_video(tmp_path):
     assert not (videos["training"] & videos["test"]) and not (videos["training"] & videos["validation"])
     sample = load_samples(read_split(out, "training"))[0]
     assert set(np.unique(sample.label.numpy()).tolist()) == {0, 1, 2} and len(read_split(out, "training")) == 4
+    clips = load_clips(out, "training")  # video mode reads the same output as clips of ordered frames
+    assert [c.name for c in clips] == sorted(videos["training"]) and all(len(c) == 2 for c in clips)
 
 
 def test_converters_say_which_layout_they_expected(tmp_path):
