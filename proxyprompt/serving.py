@@ -29,8 +29,10 @@ from .data.contract import Sample, load_samples
 from .data.episodes import to_byte_range
 from .modeling.generator import SupportEmbedding
 from .modeling.proxy_sam import ProxyPromptSAM
+from .modeling.proxy_sam2_video import ProxyPromptVideo, VideoSupport
 from .training import EpisodeBank, EpisodeNet, make_optimizer, train_episodes
-from .workflows import as_slices, encode_samples, read_image, segment_image
+from .video_workflows import segment_clip, video_support
+from .workflows import as_slices, encode_samples, read_image, segment_image, to_label
 
 logger = logging.getLogger("proxyprompt")
 
@@ -119,6 +121,11 @@ class ProxyPromptService:
         self._embeddings: OrderedDict[str, SupportEmbedding] = OrderedDict()  # weights key + support key
         self.set_weights(weights, trained_on)
 
+    @property
+    def video(self) -> bool:
+        """SAM 2 in video mode: volumes are segmented by propagation through SAM 2's memory."""
+        return isinstance(self.model, ProxyPromptVideo)
+
     # --- weights -------------------------------------------------------------------------------------------------
     def set_weights(self, description: str, trained_on: Sequence[str] = ()) -> None:
         """Take the model's current weights as the base (after loading new trained weights into it)."""
@@ -137,7 +144,7 @@ class ProxyPromptService:
         support study or fine-tuning is off, else the base fine-tuned on the support pairs (cached in memory and on
         disk). Returns the weights key, their description and the fine-tune's bank (None when nothing was trained)."""
         known = bool(support.stamps) and set(support.stamps) <= self.trained_on
-        if self.finetune_seconds == 0 or known:
+        if self.finetune_seconds == 0 or known or self.video:  # the fine-tune trains image episodes only
             self._load(self.base)
             return self.base_key, self.base_description, None
         key = digest(self.base_key, support.key, self.finetune_seconds, self.finetune_lr, self.seed)
@@ -215,6 +222,8 @@ class ProxyPromptService:
         if cached:
             embedding = self._embeddings[full]
             self._embeddings.move_to_end(full)
+        elif self.video:  # SAM 2's conditioning memories of the support slices and the PPG embedding
+            embedding = video_support(self.model, support)
         elif bank is not None:  # the fine-tune's view 0 is the support as read, already in the encoder's frame
             index = list(range(len(bank)))
             with torch.no_grad():
@@ -314,9 +323,26 @@ class ProxyPromptService:
         with self.lock:
             embedding, info = self.prepare(support)
             start = time.monotonic()
-            label = segment_image(self.model, image, embedding, support.label_ids, axis=self.axis, skip=skip)
+            if self.video and image.dim() == 4:
+                label = self._propagate(image, embedding, support.label_ids, skip)
+                info["propagation"] = "SAM 2 memory, both ways from the middle slice"
+            else:
+                label = segment_image(self.model, image, embedding, support.label_ids, axis=self.axis, skip=skip)
             info["segment_seconds"] = round(time.monotonic() - start, 2)
         return label, info
+
+    def _propagate(self, image: Tensor, support: VideoSupport, label_ids: Sequence[int], skip: Sequence[int]) -> Tensor:
+        """A volume's label map by SAM 2 propagation over its slices, from the middle slice both ways (or from the
+        middle of the slices to segment); slices in ``skip`` are left 0."""
+        slices = as_slices(image, self.axis)
+        todo = [z for z in range(len(slices)) if z not in set(skip)]
+        out = torch.zeros((len(slices), *slices.shape[2:]), dtype=torch.uint8)
+        if todo:
+            frames = torch.stack([to_byte_range(slices[z]) for z in todo])
+            with torch.no_grad():
+                logits = segment_clip(self.model, frames.to(self.model.backbone.device), support, len(todo) // 2)
+            out[todo] = to_label(logits.cpu(), label_ids)
+        return out.movedim(0, self.axis)
 
     def confidence(self, image: Tensor, support: Support, slices: int = 3) -> float:
         """The mask decoder's mean predicted IoU over the objects on a few slices of ``image``: low means unsure."""

@@ -37,8 +37,9 @@ class ClipDataset(Dataset):
         return {"image": c.byte_frames(), "label": c.masks(self.label_ids), "source": c.name}
 
 
-def video_support(model: ProxyPromptVideo, support: SupportSet) -> VideoSupport:
-    """A data-contract support set (frames of other clips) as SAM 2 conditioning memories + the PPG embedding."""
+def video_support(model: ProxyPromptVideo, support) -> VideoSupport:
+    """A support set (``samples`` and ``label_ids``: a `SupportSet`, or the app's support) as SAM 2 conditioning
+    memories + the PPG embedding."""
     images = torch.stack([to_byte_range(s.image) for s in support.samples])
     masks = torch.stack([s.masks(support.label_ids) for s in support.samples])
     x, m = model.prepare_support(images, masks)

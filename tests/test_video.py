@@ -250,3 +250,25 @@ def test_video_inference_through_the_bundle_on_frames_and_volumes(demo_videos, t
     assert seg.shape == src.shape and np.allclose(seg.affine, src.affine)
     report = (tmp_path / "out_ct" / "inference_report.json").read_text()
     assert "broken" in report and test_volume.name.split(".")[0] in report
+
+
+def test_label_app_service_propagates_volumes_with_sam2(video_model, tmp_path):
+    import nibabel as nib
+
+    from proxyprompt.data.demo import write_studies
+    from proxyprompt.serving import ProxyPromptService, Study
+    from proxyprompt.workflows import read_image
+
+    folder = write_studies(tmp_path / "studies", n_studies=3, n_labelled=2, shape=(48, 48, 6), seed=2)
+    studies = sorted(folder.glob("*.nii.gz"))
+    labelled = [Study(p.name.split(".")[0], p, folder / "labels" / "final" / p.name) for p in studies[:2]]
+    service = ProxyPromptService(video_model, weights="random", cache_dir=tmp_path / "cache", support_slices=2)
+    assert service.video
+    support = service.study_support(labelled, [1, 2, 3])
+    image = read_image(studies[2])
+    label, info = service.segment(image, support)
+    assert tuple(label.shape) == nib.load(studies[2]).shape and info["propagation"].startswith("SAM 2 memory")
+    again, info2 = service.segment(image, support)
+    assert torch.equal(label, again) and info2["support_cached"]
+    skipped, _ = service.segment(image, support, skip=[0, 5])
+    assert not skipped[..., 0].any() and not skipped[..., 5].any()

@@ -116,7 +116,8 @@ class ProxyPromptConfig:
             path, description, trained_on = self.base_weights()
             version = (str(path), path.stat().st_mtime_ns if path else None)
             if self._service is None:
-                model = build_model(self.backbone, self.preset, self.checkpoint)
+                # SAM 2 runs in video mode: volumes are segmented by propagation through its memory
+                model = build_model(self.backbone, self.preset, self.checkpoint, video=self.backbone == "sam2")
                 if path is not None:
                     load_ppg(model, path)
                 self._service = ProxyPromptService(
