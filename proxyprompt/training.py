@@ -184,11 +184,13 @@ def train_episodes(
     seed: int = 0,
     until: float | None = None,
     progress: str | None = None,
+    net: nn.Module | None = None,
 ) -> list[float]:
     """A plain loop over ``steps`` random episodes (the bundle's trainer runs the same step in ignite), by default
     with the Dice loss (paper Eq. 13); returns the losses. ``until`` (a ``time.monotonic()`` value) ends the loop
-    early when reached; at least one step runs. ``progress`` names a progress bar (none when None)."""
-    net = EpisodeNet(model, bank)
+    early when reached; at least one step runs. ``progress`` names a progress bar (none when None). ``net`` turns
+    an episode into (logits, truth): `EpisodeNet` by default (`VideoEpisodeNet` for video episodes)."""
+    net = net or EpisodeNet(model, bank)
     rng = np.random.default_rng(seed)
     optimizer = optimizer or make_optimizer(model)
     loss_fn = loss_fn or DiceLoss(sigmoid=True)

@@ -8,12 +8,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
 from torch import Tensor, nn
 
 from .data.video import Clip
 from .modeling.proxy_sam2_video import ProxyPromptVideo
-from .training import make_optimizer
 
 
 class ClipBank:
@@ -83,24 +81,3 @@ class VideoEpisodeNet(nn.Module):
     def train(self, mode: bool = True) -> VideoEpisodeNet:
         self.model.train(mode)
         return self
-
-
-def train_video_episodes(
-    model: ProxyPromptVideo, bank: ClipBank, *, steps: int, num_support: int = 1, optimizer=None, seed: int = 0
-) -> list[float]:
-    """A plain loop over ``steps`` random video episodes with the Dice loss; returns the losses."""
-    net = VideoEpisodeNet(model, bank)
-    rng = np.random.default_rng(seed)
-    optimizer = optimizer or make_optimizer(model)
-    loss_fn = DiceLoss(sigmoid=True)
-    losses = []
-    net.train()
-    for _ in range(steps):
-        logits, truth = net(bank.draw(rng, num_support))
-        loss = loss_fn(logits, truth)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses

@@ -3,21 +3,27 @@ evaluator that propagates every clip from it (train_video.json's validation)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from ignite.engine import Engine, Events
-from monai.engines import SupervisedEvaluator
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from .data.episodes import to_byte_range
 from .data.video import FRAME, Clip, load_clips
 from .modeling.proxy_sam2_video import ProxyPromptVideo, VideoSupport
-from .workflows import FolderSegmenter, SupportSet, _suffix, as_slices, list_inputs, read_image, to_label, write_label
+from .workflows import (
+    FewShotEvaluator,
+    FolderSegmenter,
+    SupportSet,
+    _suffix,
+    as_slices,
+    read_image,
+    to_label,
+    write_label,
+)
 
 logger = logging.getLogger("proxyprompt")
 
@@ -53,25 +59,16 @@ def segment_clip(model: ProxyPromptVideo, frames: Tensor, support: VideoSupport,
     return model.backbone.postprocess(torch.stack(low), geo)
 
 
-class VideoEvaluator(SupervisedEvaluator):
+class VideoEvaluator(FewShotEvaluator):
     """Propagates every clip of ``val_data_loader`` from one support set (frames of other subjects), encoded once per
     run with the weights of that moment. Outputs per clip: pred and label (F, N, H, W) binary, source."""
 
-    def __init__(self, *, network: ProxyPromptVideo, support: SupportSet, **kwargs) -> None:
-        kwargs.setdefault("decollate", False)
-        super().__init__(network=network, **kwargs)
-        self.support = support
-        self.add_event_handler(Events.EPOCH_STARTED, self._encode_support)
+    def encode_support(self) -> VideoSupport:
+        return video_support(self.network, self.support)
 
-    def _encode_support(self, engine: Engine) -> None:
-        self.network.eval()
-        with torch.no_grad():
-            engine.state.support = video_support(self.network, self.support)
-
-    def _iteration(self, engine: Engine, batchdata: dict) -> dict:
-        with torch.no_grad():
-            logits = segment_clip(self.network, batchdata["image"].to(engine.state.device), engine.state.support)
-        return {"pred": (logits > 0).float().cpu(), "label": batchdata["label"], "source": batchdata["source"]}
+    def segment(self, image: Tensor, support: VideoSupport) -> Tensor:
+        """(F, 3, H, W) clip -> (F, N, H, W) logits."""
+        return segment_clip(self.network, image, support)
 
 
 class VideoFolderSegmenter(FolderSegmenter):
@@ -89,32 +86,19 @@ class VideoFolderSegmenter(FolderSegmenter):
         super().__init__(model, support, axis=axis)
         self.start_fraction = start_fraction
 
-    def __call__(self, input_dir: str | Path, output_dir: str | Path) -> dict:
-        inputs = list_inputs(input_dir)
-        self.model.eval()
-        with torch.no_grad():
-            support = video_support(self.model, self.support)
+    def encode_support(self) -> VideoSupport:
+        return video_support(self.model, self.support)
+
+    def group(self, inputs: list[Path]) -> dict[str, list[Path]]:
+        """A volume is a clip; 2D frames named ``<video>_<frame>`` are one clip per video."""
         clips: dict[str, list[Path]] = {}
         for path in inputs:
             stem = path.name[: -len(_suffix(path))] if path.is_file() else path.name
             match = FRAME.match(stem) if _suffix(path) in _FRAME_SUFFIXES else None
             clips.setdefault(match["video"] if match else stem, []).append(path)
-        written, failed = {}, {}
-        for name, paths in clips.items():
-            try:
-                written[name] = [str(p) for p in self.segment_clip_files(paths, Path(output_dir), support)]
-                logger.info(f"{name}: {len(paths)} file(s) -> {len(written[name])} label file(s)")
-            except Exception as err:  # one bad clip must not stop the batch
-                failed[name] = f"{type(err).__name__}: {err}"
-                logger.error(f"skipped {name}: {failed[name]}")
-        report = {"written": written, "failed": failed, "objects": self.support.objects}
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(output_dir) / "inference_report.json").write_text(json.dumps(report, indent=2, default=str))
-        if not written:
-            raise RuntimeError(f"no clip of {input_dir} could be segmented: {failed}")
-        return report
+        return clips
 
-    def segment_clip_files(self, paths: list[Path], output_dir: Path, support: VideoSupport) -> list[Path]:
+    def segment_files(self, paths: list[Path], output_dir: Path, support: VideoSupport) -> list[str]:
         images = [read_image(p, self.loader) for p in sorted(paths, key=_frame_number)]
         if len(images) == 1 and images[0].dim() == 4:  # a volume: its slices are the frames
             frames = as_slices(images[0], self.axis)
@@ -129,9 +113,9 @@ class VideoFolderSegmenter(FolderSegmenter):
         if images[0].dim() == 4:
             name = paths[0].name[: -len(_suffix(paths[0]))] if paths[0].is_file() else paths[0].name
             ext = _suffix(paths[0]) if _suffix(paths[0]) in (".nii", ".nii.gz", ".nrrd", ".mha") else ".nii.gz"
-            return [write_label(label.movedim(0, self.axis), images[0], output_dir, name, ext)]
+            return [str(write_label(label.movedim(0, self.axis), images[0], output_dir, name, ext))]
         return [
-            write_label(label[f].T, image, output_dir, p.name[: -len(_suffix(p))], ".png")
+            str(write_label(label[f].T, image, output_dir, p.name[: -len(_suffix(p))], ".png"))
             for f, (p, image) in enumerate(zip(sorted(paths, key=_frame_number), images, strict=True))
         ]
 

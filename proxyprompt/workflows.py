@@ -167,16 +167,24 @@ class FewShotEvaluator(SupervisedEvaluator):
 
     def _encode_support(self, engine: Engine) -> None:
         self.network.eval()
-        engine.state.support = self.support.encode(self.network)
+        with torch.no_grad():
+            engine.state.support = self.encode_support()
+
+    def encode_support(self):
+        return self.support.encode(self.network)
+
+    def segment(self, image: Tensor, support) -> Tensor:
+        """(C, H, W) target -> (1, N, H, W) logits."""
+        return self.network.segment(image[None], support)
 
     def _iteration(self, engine: Engine, batchdata: dict) -> dict:
         with torch.no_grad():
-            logits = self.network.segment(batchdata["image"][None].to(engine.state.device), engine.state.support)
-        pred = (logits > 0).float().cpu()
+            logits = self.segment(batchdata["image"].to(engine.state.device), engine.state.support)
+        label = batchdata["label"]
         return {
             "image": batchdata["image"],
-            "pred": pred,
-            "label": batchdata["label"][None],
+            "pred": (logits > 0).float().cpu(),
+            "label": label if label.dim() == logits.dim() else label[None],
             "source": batchdata["source"],
         }
 
@@ -294,22 +302,33 @@ class FolderSegmenter:
     def __call__(self, input_dir: str | Path, output_dir: str | Path) -> dict:
         inputs = list_inputs(input_dir)
         self.model.eval()
-        embedding = self.support.encode(self.model)
+        with torch.no_grad():
+            support = self.encode_support()
         logger.info(f"support: {len(self.support.samples)} pairs {self.support.names} from {self.support.folder}")
         written, failed = {}, {}
-        for path in inputs:
+        for name, paths in self.group(inputs).items():
             try:
-                written[str(path)] = str(self.segment_file(path, Path(output_dir), embedding))
-                logger.info(f"{path.name} -> {written[str(path)]}")
+                written[name] = self.segment_files(paths, Path(output_dir), support)
+                logger.info(f"{name} -> {written[name]}")
             except Exception as err:  # one bad input must not stop the batch
-                failed[str(path)] = f"{type(err).__name__}: {err}"
-                logger.error(f"skipped {path}: {failed[str(path)]}")
+                failed[name] = f"{type(err).__name__}: {err}"
+                logger.error(f"skipped {name}: {failed[name]}")
         report = {"written": written, "failed": failed, "objects": self.support.objects}
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         (Path(output_dir) / "inference_report.json").write_text(json.dumps(report, indent=2, default=str))
         if not written:
             raise RuntimeError(f"no input of {input_dir} could be segmented: {failed}")
         return report
+
+    def encode_support(self) -> SupportEmbedding:
+        return self.support.encode(self.model)
+
+    def group(self, inputs: list[Path]) -> dict[str, list[Path]]:
+        """What is segmented as one unit: here every input on its own."""
+        return {str(p): [p] for p in inputs}
+
+    def segment_files(self, paths: list[Path], output_dir: Path, embedding: SupportEmbedding) -> str:
+        return str(self.segment_file(paths[0], output_dir, embedding))
 
     def segment_file(self, path: Path, output_dir: Path, embedding: SupportEmbedding) -> Path:
         image = read_image(path, self.loader)

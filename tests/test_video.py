@@ -157,7 +157,8 @@ def test_video_episodes_take_another_subjects_support_and_learn(video_model, dem
     from monai.losses import DiceLoss
 
     from proxyprompt.data.video import load_clips
-    from proxyprompt.video_training import ClipBank, VideoEpisodeNet, train_video_episodes
+    from proxyprompt.training import train_episodes
+    from proxyprompt.video_training import ClipBank, VideoEpisodeNet
 
     bank = ClipBank(video_model, load_clips(demo_videos, "training"), [1, 2], length=2)
     assert [len(f) for f in bank.frames] == [4, 4, 4] and bank.x[0].shape == (4, 3, 256, 256)
@@ -180,7 +181,7 @@ def test_video_episodes_take_another_subjects_support_and_learn(video_model, dem
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.003 and all(b <= a + 1e-4 for a, b in zip(losses, losses[1:], strict=False))
-    assert len(train_video_episodes(video_model, bank, steps=2)) == 2
+    assert len(train_episodes(video_model, bank, steps=2, num_support=1, net=net)) == 2
     video_model.load_state_dict(state)  # leave the shared fixture as it was
     video_model.eval()
 
