@@ -273,3 +273,14 @@ def test_label_app_service_propagates_volumes_with_sam2(video_model, tmp_path):
     assert torch.equal(label, again) and info2["support_cached"]
     skipped, _ = service.segment(image, support, skip=[0, 5])
     assert not skipped[..., 0].any() and not skipped[..., 5].any()
+
+
+def test_the_prepared_gpu_check_runs_on_cpu_at_toy_size():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "scripts/check_video_gpu.py", "--device", "cpu", "--image-size", "256", "--preset", "tiny"]
+    proc = subprocess.run([*cmd, "--frames", "3"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok: 3 frames at 256 px"), proc.stdout + proc.stderr[-2000:]
