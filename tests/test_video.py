@@ -284,3 +284,15 @@ def test_the_prepared_gpu_check_runs_on_cpu_at_toy_size():
     cmd = [sys.executable, "scripts/check_video_gpu.py", "--device", "cpu", "--image-size", "256", "--preset", "tiny"]
     proc = subprocess.run([*cmd, "--frames", "3"], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith("ok: 3 frames at 256 px"), proc.stdout + proc.stderr[-2000:]
+
+
+def test_fig4_video_comparison_writes_every_method(video_model, demo_videos, tmp_path):
+    from proxyprompt.video_protocol import SUPPORT_METHODS, TARGET_METHODS, VideoProtocol
+
+    protocol = VideoProtocol(video_model, demo_videos, draws=2, seed=1)
+    res = protocol.run()
+    assert set(res["dice"]) == {*SUPPORT_METHODS, *TARGET_METHODS}
+    assert all(len(d) == 2 and all(len(obj) == 2 for obj in d) for d in res["dice"].values())
+    assert len(set(res["support"].values())) == 2  # two different support frames
+    text = protocol.write(tmp_path / "report", note="tiny").read_text()
+    assert all(m in text for m in res["dice"]) and (tmp_path / "report" / "fig4_video.png").stat().st_size > 0

@@ -56,12 +56,24 @@ def pseudo_box_pass(
 
 def first_frame_box_pass(model: ProxyPromptVideo, frames: Frames, boxes: Tensor) -> dict[int, Tensor]:
     """SAM 2 prompted with (N, 4) boxes on the target's frame 0 (input pixels), propagated to the last frame."""
-    n = len(boxes)
+    return first_frame_pass(model, frames, len(boxes), point_inputs=box_points(boxes))
+
+
+def first_frame_pass(
+    model: ProxyPromptVideo,
+    frames: Frames,
+    n: int,
+    *,
+    point_inputs: dict | None = None,
+    mask_inputs: Tensor | None = None,
+) -> dict[int, Tensor]:
+    """SAM 2's interactive flow for n objects: a prompt on the target's frame 0 (points / box corners in input
+    pixels, or (n, 1, S, S) masks), then propagation to the last frame."""
     bank = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
     feats, pos = frames.frame(0, n)
     first = model.sam2.track_step(
         frame_idx=0, is_init_cond_frame=True, current_vision_feats=feats, current_vision_pos_embeds=pos,
-        feat_sizes=frames.sizes, point_inputs=box_points(boxes), mask_inputs=None, output_dict=bank,
+        feat_sizes=frames.sizes, point_inputs=point_inputs, mask_inputs=mask_inputs, output_dict=bank,
         num_frames=len(frames),
     )  # fmt: skip
     bank["cond_frame_outputs"][0] = first
