@@ -20,12 +20,22 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .baselines.video import box_points, first_frame_pass, mask_prompt_pass, pseudo_box_pass
+from .build import build_model
 from .data.contract import read_labels
 from .data.video import Clip, load_clips
 from .modeling.proxy_sam2_video import Frames, ProxyPromptVideo, VideoSupport
 
 SUPPORT_METHODS = ("PPG + SAM 2", "MedSAM2-style", "SAM2-SGP-style")
 TARGET_METHODS = ("SAM 2 point (GT, frame 0)", "SAM 2 box (GT, frame 0)", "upper: SAM 2 mask (GT, frame 0)")
+
+
+def video_model(checkpoint: str | None, ppg_checkpoint: str | None, preset: str, seed: int = 0) -> ProxyPromptVideo:
+    """The scripts' video model: SAM 2 from ``checkpoint``, or with random weights (sam2's tiny config at 256 px)."""
+    torch.manual_seed(seed)
+    return build_model(
+        "sam2", preset, checkpoint, ppg_checkpoint, pretrained=checkpoint is not None,
+        backbone_kwargs=None if checkpoint else {"image_size": 256}, video=True,
+    )  # fmt: skip
 
 
 @dataclass

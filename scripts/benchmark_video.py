@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice
 
-from proxyprompt import build_model
 from proxyprompt.baselines.video import first_frame_box_pass, mask_prompt_pass, pseudo_box_pass
 from proxyprompt.data.demo import ultrasound_video
+from proxyprompt.video_protocol import video_model
 
 NAMES = ["pubic_symphysis", "fetal_head"]
 
@@ -29,11 +29,7 @@ def main() -> None:
     p.add_argument("--preset", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    torch.manual_seed(a.seed)
-    model = build_model(
-        "sam2", a.preset, a.checkpoint, a.ppg_checkpoint, pretrained=a.checkpoint is not None,
-        backbone_kwargs=None if a.checkpoint else {"image_size": 256}, video=True,
-    )  # fmt: skip
+    model = video_model(a.checkpoint, a.ppg_checkpoint, a.preset, a.seed)
     rng = np.random.default_rng(a.seed)
     images, labels = ultrasound_video(rng, a.frames)
     sup_images, sup_labels = ultrasound_video(rng, 1)  # another subject

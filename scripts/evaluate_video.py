@@ -8,12 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from proxyprompt import build_model
 from proxyprompt.data.video import load_clips
 from proxyprompt.training import make_optimizer, train_episodes
-from proxyprompt.video_protocol import VideoProtocol
+from proxyprompt.video_protocol import VideoProtocol, video_model
 from proxyprompt.video_training import ClipBank, VideoEpisodeNet
 
 
@@ -29,11 +26,7 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    torch.manual_seed(a.seed)
-    model = build_model(
-        "sam2", a.preset, a.checkpoint, a.ppg_checkpoint, pretrained=a.checkpoint is not None,
-        backbone_kwargs=None if a.checkpoint else {"image_size": 256}, video=True,
-    )  # fmt: skip
+    model = video_model(a.checkpoint, a.ppg_checkpoint, a.preset, a.seed)
     protocol = VideoProtocol(model, a.dataset, draws=a.draws, seed=a.seed)
     trained = f"PPG weights {a.ppg_checkpoint}" if a.ppg_checkpoint else "untrained PPG"
     if a.steps and not a.ppg_checkpoint:
