@@ -21,8 +21,9 @@ import torch
 from monai.metrics import compute_dice
 from tqdm import tqdm
 
-from .backbones.base import Backbone, Features
+from .backbones.base import Backbone
 from .baselines import BASELINES, METHODS, Method, Pairs, ProxyPrompt, Target
+from .baselines.base import encode_each
 from .build import build_backbone, build_model
 from .data.contract import read_labels
 from .data.episodes import to_byte_range
@@ -152,17 +153,10 @@ class Protocol:
         b = self.bank
 
         def feats(x, cached):
-            if cached is not None:
-                return cached
-            with torch.no_grad():
-                return Features(torch.cat([plain.encode(x[i : i + 1]).embed for i in range(len(x))]))
+            return cached if cached is not None else encode_each(plain, x)
 
         views = [Pairs(b.x[v], b.masks[v], feats(b.x[v], b.cache[v] if b.cached else None)) for v in range(b.views)]
-        train = Pairs(
-            torch.cat([p.x for p in views]),
-            torch.cat([p.masks for p in views]),
-            Features(torch.cat([p.features.embed for p in views])),
-        )
+        train = Pairs.cat(views)
         self.support_pairs = views[0]
         targets = [
             Target(s.image, x, geo, feats(x, f), labels)

@@ -121,3 +121,16 @@ def test_component_at_keeps_the_touching_region_only():
     comp = component_at(region, 1 * 8 + 1)
     assert comp.sum() == 4 and comp[1:3, 1:3].all() and not comp[5:].any()
     assert not component_at(region, 0).any()
+
+
+def test_pairs_keep_sam2_high_resolution_levels(tiny_case):
+    from proxyprompt.build import build_backbone
+
+    _, _, samples = tiny_case
+    torch.manual_seed(0)
+    sam2 = build_backbone("sam2", pretrained=False, backbone_kwargs={"image_size": 256}).eval()
+    pairs = Pairs.encode(sam2, samples[:2], [1, 2])
+    both = Pairs.cat([pairs, pairs.select([1])])
+    assert len(pairs.features.high_res) == 2 and len(both) == 3
+    assert [f.shape[0] for f in both.features.high_res] == [3, 3]  # what SAM 2's decoder needs for every pair
+    assert torch.equal(both.features.high_res[0][2], pairs.features.high_res[0][1])

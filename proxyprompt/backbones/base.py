@@ -21,6 +21,12 @@ class Features(NamedTuple):
         """The features of the images at ``index`` (a slice or a list of positions)."""
         return Features(self.embed[index], tuple(f[index] for f in self.high_res))
 
+    @staticmethod
+    def cat(parts: Sequence[Features]) -> Features:
+        """The features of several batches as one batch, every level concatenated."""
+        levels = zip(*(p.high_res for p in parts), strict=True)
+        return Features(torch.cat([p.embed for p in parts]), tuple(torch.cat(level) for level in levels))
+
 
 @dataclass(frozen=True)
 class Geometry:

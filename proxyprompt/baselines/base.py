@@ -13,6 +13,7 @@ from torch import Tensor
 from ..backbones.base import Backbone, Features, Geometry
 from ..data.contract import Sample
 from ..data.episodes import to_byte_range
+from ..training import encoder_frame
 
 EMPTY_LOGIT = -20.0  # logits of a prediction that is empty everywhere
 
@@ -28,15 +29,17 @@ class Pairs:
 
     @classmethod
     def encode(cls, backbone: Backbone, samples: Sequence[Sample], label_ids: Sequence[int]) -> Pairs:
-        xs, ms = [], []
-        for s in samples:
-            x, geo = backbone.preprocess(to_byte_range(s.image)[None])
-            xs.append(x)
-            ms.append(backbone.preprocess_masks(s.masks(list(label_ids))[None], geo))
-        x = torch.cat(xs)
-        with torch.no_grad():
-            feats = [backbone.encode(x[i : i + 1]) for i in range(len(x))]
-        return cls(x, torch.cat(ms), Features(torch.cat([f.embed for f in feats]), _cat_high_res(feats)))
+        frames = [encoder_frame(backbone, to_byte_range(s.image), s.masks(list(label_ids))) for s in samples]
+        x = torch.cat([f[0] for f in frames])
+        return cls(x, torch.cat([f[1] for f in frames]), encode_each(backbone, x))
+
+    @staticmethod
+    def cat(parts: Sequence[Pairs]) -> Pairs:
+        return Pairs(
+            torch.cat([p.x for p in parts]),
+            torch.cat([p.masks for p in parts]),
+            Features.cat([p.features for p in parts]),
+        )
 
     def select(self, index: Sequence[int]) -> Pairs:
         index = list(index)
@@ -46,8 +49,10 @@ class Pairs:
         return self.x.shape[0]
 
 
-def _cat_high_res(feats: list[Features]) -> tuple[Tensor, ...]:
-    return tuple(torch.cat(level) for level in zip(*(f.high_res for f in feats), strict=True))
+@torch.no_grad()
+def encode_each(backbone: Backbone, x: Tensor) -> Features:
+    """The frozen encoder's features of (K, 3, S, S) inputs, one image at a time."""
+    return Features.cat([backbone.encode(x[i : i + 1]) for i in range(len(x))])
 
 
 @dataclass

@@ -56,11 +56,7 @@ class ProxyPromptSAM(nn.Module):
         8 images batched 12.5 s, one by one 9.0 s).
         """
         if x.device.type == "cpu" and x.shape[0] > 1:
-            parts = [self.encode_images(x[i : i + 1]) for i in range(x.shape[0])]
-            return Features(
-                torch.cat([p.embed for p in parts]),
-                tuple(torch.cat(f) for f in zip(*[p.high_res for p in parts], strict=True)),
-            )
+            return Features.cat([self.encode_images(x[i : i + 1]) for i in range(x.shape[0])])
         if self.encoder_trains:
             return self.backbone.encode(x)
         with torch.no_grad():
