@@ -22,8 +22,8 @@ class DecoderFineTune(Method):
     """One LoRA adapter of the mask decoder per object, prompt-free.
 
     Args:
-        backbone: the frozen backbone; it is not modified (the adapters live on a copy of its decoder, the encoder's
-            weights are shared).
+        backbone: the frozen backbone; it is not modified (the adapters live in a copy of its modules that shares
+            its weights).
         steps: optimiser steps per object.
         batch: training images per step.
         rank: LoRA rank.
@@ -38,8 +38,8 @@ class DecoderFineTune(Method):
         super().__init__(backbone)
         if steps < 1 or batch < 1:
             raise ValueError(f"steps and batch must be >= 1, got {steps} and {batch}")
-        shared = {id(p): p for n, p in backbone.named_parameters() if ".mask_decoder." not in f".{n}"}
-        self.tuned = copy.deepcopy(backbone, memo=shared)  # a decoder of its own, the encoder shared
+        # modules of its own (LoRA goes into the copy), every frozen base weight shared with ``backbone``
+        self.tuned = copy.deepcopy(backbone, memo={id(p): p for p in backbone.parameters()})
         add_lora(self.tuned, rank=rank, sites=("decoder",))
         self.lora = [p for n, p in self.tuned.named_parameters() if ".lora_" in n]
         for n, p in self.tuned.named_parameters():
