@@ -31,8 +31,8 @@ from .modeling.generator import SupportEmbedding
 from .modeling.proxy_sam import ProxyPromptSAM
 from .modeling.proxy_sam2_video import ProxyPromptVideo, VideoSupport
 from .training import EpisodeBank, EpisodeNet, make_optimizer, train_episodes
-from .video_workflows import segment_clip, video_support
-from .workflows import as_slices, encode_samples, read_image, segment_image, to_label
+from .video_workflows import label_clip, video_support
+from .workflows import as_slices, encode_samples, read_image, segment_image
 
 logger = logging.getLogger("proxyprompt")
 
@@ -338,10 +338,7 @@ class ProxyPromptService:
         todo = [z for z in range(len(slices)) if z not in set(skip)]
         out = torch.zeros((len(slices), *slices.shape[2:]), dtype=torch.uint8)
         if todo:
-            frames = torch.stack([to_byte_range(slices[z]) for z in todo])
-            with torch.no_grad():
-                logits = segment_clip(self.model, frames.to(self.model.backbone.device), support, len(todo) // 2)
-            out[todo] = to_label(logits.cpu(), label_ids)
+            out[todo] = label_clip(self.model, slices[todo], support, label_ids, len(todo) // 2)
         return out.movedim(0, self.axis)
 
     def confidence(self, image: Tensor, support: Support, slices: int = 3) -> float:

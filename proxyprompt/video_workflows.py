@@ -3,7 +3,6 @@ evaluator that propagates every clip from it (train_video.json's validation)."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,12 +19,12 @@ from .workflows import (
     SupportSet,
     _suffix,
     as_slices,
+    label_suffix,
     read_image,
+    stem,
     to_label,
     write_label,
 )
-
-logger = logging.getLogger("proxyprompt")
 
 
 class ClipDataset(Dataset):
@@ -50,6 +49,14 @@ def video_support(model: ProxyPromptVideo, support) -> VideoSupport:
     masks = torch.stack([s.masks(support.label_ids) for s in support.samples])
     x, m = model.prepare_support(images, masks)
     return model.video_support(x, m)
+
+
+def label_clip(model: ProxyPromptVideo, slices: Tensor, support: VideoSupport, label_ids, start: int) -> Tensor:
+    """(F, C, H, W) frames or slices as read -> (F, H, W) uint8 label map (`to_label`), propagated both ways from
+    frame ``start``."""
+    frames = torch.stack([to_byte_range(s) for s in slices]).to(model.backbone.device)
+    with torch.no_grad():
+        return to_label(segment_clip(model, frames, support, start).cpu(), label_ids)
 
 
 def segment_clip(model: ProxyPromptVideo, frames: Tensor, support: VideoSupport, start: int = 0) -> Tensor:
@@ -93,9 +100,8 @@ class VideoFolderSegmenter(FolderSegmenter):
         """A volume is a clip; 2D frames named ``<video>_<frame>`` are one clip per video."""
         clips: dict[str, list[Path]] = {}
         for path in inputs:
-            stem = path.name[: -len(_suffix(path))] if path.is_file() else path.name
-            match = FRAME.match(stem) if _suffix(path) in _FRAME_SUFFIXES else None
-            clips.setdefault(match["video"] if match else stem, []).append(path)
+            match = FRAME.match(stem(path)) if _suffix(path) in _FRAME_SUFFIXES else None
+            clips.setdefault(match["video"] if match else stem(path), []).append(path)
         return clips
 
     def segment_files(self, paths: list[Path], output_dir: Path, support: VideoSupport) -> list[str]:
@@ -107,15 +113,12 @@ class VideoFolderSegmenter(FolderSegmenter):
         else:
             raise ValueError("a clip is one 3D volume or 2D frames, not a mix")
         start = round(self.start_fraction * (len(frames) - 1))
-        with torch.no_grad():
-            logits = segment_clip(self.model, torch.stack([to_byte_range(f) for f in frames]), support, start)
-        label = to_label(logits, self.support.label_ids)  # (F, H, W)
+        label = label_clip(self.model, frames, support, self.support.label_ids, start)  # (F, H, W)
         if images[0].dim() == 4:
-            name = paths[0].name[: -len(_suffix(paths[0]))] if paths[0].is_file() else paths[0].name
-            ext = _suffix(paths[0]) if _suffix(paths[0]) in (".nii", ".nii.gz", ".nrrd", ".mha") else ".nii.gz"
-            return [str(write_label(label.movedim(0, self.axis), images[0], output_dir, name, ext))]
+            volume = label.movedim(0, self.axis)
+            return [str(write_label(volume, images[0], output_dir, stem(paths[0]), label_suffix(paths[0], images[0])))]
         return [
-            str(write_label(label[f].T, image, output_dir, p.name[: -len(_suffix(p))], ".png"))
+            str(write_label(label[f].T, image, output_dir, stem(p), label_suffix(p, image)))
             for f, (p, image) in enumerate(zip(sorted(paths, key=_frame_number), images, strict=True))
         ]
 
@@ -124,5 +127,5 @@ _FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def _frame_number(path: Path) -> int:
-    match = FRAME.match(path.name[: -len(_suffix(path))])
+    match = FRAME.match(stem(path))
     return int(match["frame"]) if match else 0

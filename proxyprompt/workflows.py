@@ -333,11 +333,20 @@ class FolderSegmenter:
     def segment_file(self, path: Path, output_dir: Path, embedding: SupportEmbedding) -> Path:
         image = read_image(path, self.loader)
         label = segment_image(self.model, image, embedding, self.support.label_ids, axis=self.axis, chunk=self.chunk)
-        ext = _suffix(path) if _suffix(path) in (".nii", ".nii.gz", ".nrrd", ".mha") else ".nii.gz"
-        if image.dim() == 3 and _suffix(path) in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
-            ext = ".png"
-        name = path.name[: -len(_suffix(path))] if path.is_file() else path.name
-        return write_label(label, image, output_dir, name, ext)
+        return write_label(label, image, output_dir, stem(path), label_suffix(path, image))
+
+
+def stem(path: Path) -> str:
+    """An input's name without its suffix (a DICOM series folder: its name)."""
+    return path.name[: -len(_suffix(path))] if path.is_file() else path.name
+
+
+def label_suffix(path: Path, image: Tensor) -> str:
+    """How the label of input ``path`` is written: 2D images as PNG; volumes keep .nii, .nii.gz, .nrrd or .mha,
+    anything else (DICOM) becomes .nii.gz."""
+    if image.dim() == 3 and _suffix(path) in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+        return ".png"
+    return _suffix(path) if _suffix(path) in (".nii", ".nii.gz", ".nrrd", ".mha") else ".nii.gz"
 
 
 def read_image(path: str | Path, loader: LoadImage | None = None) -> MetaTensor:
