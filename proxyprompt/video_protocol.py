@@ -19,6 +19,7 @@ from monai.metrics import compute_dice
 from torch import Tensor
 from tqdm import tqdm
 
+from .baselines.base import mask_box
 from .baselines.video import box_points, first_frame_pass, mask_prompt_pass, pseudo_box_pass
 from .build import build_model
 from .data.contract import read_labels
@@ -95,8 +96,8 @@ class VideoProtocol:
             boxes, points = [], []
             rng = np.random.default_rng(seed)
             for mask in clip.first:
+                boxes.append(mask_box(mask))
                 ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
-                boxes.append(torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float())
                 j = int(rng.integers(len(ys)))
                 points.append(torch.stack([xs[j], ys[j]]).float() + 0.5)
             if name.startswith("SAM 2 box"):

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice
 
+from proxyprompt.baselines.base import mask_box
 from proxyprompt.baselines.video import first_frame_box_pass, mask_prompt_pass, pseudo_box_pass
 from proxyprompt.data.demo import ultrasound_video
 from proxyprompt.video_protocol import video_model
@@ -39,11 +40,7 @@ def main() -> None:
     truth = torch.stack([torch.from_numpy(labels == i) for i in ids], 1).float()  # (F, N, H, W)
     sx, sgeo = bb.preprocess(torch.from_numpy(sup_images)[:, None].float().expand(-1, 3, -1, -1))
     smasks = bb.preprocess_masks(torch.stack([torch.from_numpy(sup_labels == i) for i in ids], 1).float(), sgeo)
-    boxes = []
-    for n in range(len(ids)):
-        ys, xs = torch.nonzero(truth[0, n], as_tuple=True)
-        boxes.append(torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float() * bb.img_size / 256)
-    boxes = torch.stack(boxes)
+    boxes = torch.stack([mask_box(m) for m in truth[0]]) * (bb.img_size / 256)
     weights = "random weights (tiny config)" if a.checkpoint is None else a.checkpoint
     print(f"{a.frames} frames 256x256, SAM 2 {weights}, preset {a.preset}, threads {torch.get_num_threads()}")
     with torch.no_grad():

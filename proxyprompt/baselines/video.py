@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..modeling.proxy_sam2_video import Frames, ProxyPromptVideo, VideoSupport
+from .base import mask_box
 
 
 def box_points(boxes: Tensor) -> dict:
@@ -44,11 +45,10 @@ def pseudo_box_pass(
     def step(f: int, bank: dict) -> dict:
         pseudo = model.track(frames, f, n, bank, reverse=reverse, run_mem_encoder=False)["pred_masks"][:, 0]
         boxes = torch.tensor([[0.0, 0.0, size, size]]).repeat(n, 1)
-        for i, m in enumerate(pseudo > 0):
-            ys, xs = torch.nonzero(m, as_tuple=True)
-            if len(ys):
-                scale = size / m.shape[-1]
-                boxes[i] = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float() * scale
+        for i, m in enumerate(pseudo.cpu() > 0):
+            box = mask_box(m.float())
+            if box is not None:
+                boxes[i] = box * (size / m.shape[-1])
         return model.track(frames, f, n, bank, reverse=reverse, point_inputs=box_points(boxes.to(pseudo.device)))
 
     return model.run_pass(support, start, stop, step, reverse=reverse)
