@@ -1,4 +1,4 @@
-"""proxyprompt's MONAI Label app: support-set segmentation from 3D Slicer.
+"""ppgseg's MONAI Label app: support-set segmentation from 3D Slicer.
 
     monailabel start_server --app monailabel_app --studies <folder> --conf models proxy_prompt --host 127.0.0.1
 
@@ -20,7 +20,7 @@ from lib.trainers import ProxyPromptTrain
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 
-import proxyprompt
+import ppgseg
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +58,9 @@ class ProxyPromptApp(MONAILabelApp):
             app_dir=app_dir,
             studies=studies,
             conf=conf,
-            name="proxyprompt",
+            name="ppgseg",
             description="Few-shot segmentation prompted by a support set (Proxy Prompt Generator on a frozen SAM)",
-            version=proxyprompt.__version__,
+            version=ppgseg.__version__,
             labels=dict(self.config.labels),
         )
 

@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from proxyprompt import build_model
-from proxyprompt.data.synthetic import two_object_set
+from ppgseg import build_model
+from ppgseg.data.synthetic import two_object_set
 
 
 def timed(fn, repeat: int) -> float:

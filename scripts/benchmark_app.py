@@ -27,8 +27,8 @@ import requests
 import torch
 from requests_toolbelt import MultipartDecoder
 
-from proxyprompt.backbones import build_litemedsam
-from proxyprompt.data.demo import write_studies
+from ppgseg.backbones import build_litemedsam
+from ppgseg.data.demo import write_studies
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--finetune-seconds", default="60")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="proxyprompt_bench_"))
+    work = Path(tempfile.mkdtemp(prefix="ppgseg_bench_"))
     studies = write_studies(
         work / "studies", n_studies=args.labelled + 1, n_labelled=args.labelled + 1,
         shape=(args.size, args.size, args.slices), seed=5,

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice
 
-from proxyprompt.baselines.base import mask_box
-from proxyprompt.baselines.video import first_frame_box_pass, mask_prompt_pass, pseudo_box_pass
-from proxyprompt.data.demo import ultrasound_video
-from proxyprompt.video_protocol import video_model
+from ppgseg.baselines.base import mask_box
+from ppgseg.baselines.video import first_frame_box_pass, mask_prompt_pass, pseudo_box_pass
+from ppgseg.data.demo import ultrasound_video
+from ppgseg.video_protocol import video_model
 
 NAMES = ["pubic_symphysis", "fetal_head"]
 

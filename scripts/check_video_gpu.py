@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from proxyprompt import build_model
-from proxyprompt.data.demo import ultrasound_video
-from proxyprompt.lora import is_trainable
+from ppgseg import build_model
+from ppgseg.data.demo import ultrasound_video
+from ppgseg.lora import is_trainable
 
 
 def main() -> None:

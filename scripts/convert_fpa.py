@@ -1,6 +1,6 @@
-"""Convert a downloaded release into the data contract (layout: see `proxyprompt.data.convert.convert_fpa`)."""
+"""Convert a downloaded release into the data contract (layout: see `ppgseg.data.convert.convert_fpa`)."""
 
-from proxyprompt.data.convert import cli, convert_fpa
+from ppgseg.data.convert import cli, convert_fpa
 
 if __name__ == "__main__":
     cli(convert_fpa)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from proxyprompt.baselines import METHODS
-from proxyprompt.protocol import Protocol, Settings
+from ppgseg.baselines import METHODS
+from ppgseg.protocol import Protocol, Settings
 
 
 def main() -> None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from proxyprompt.data.video import load_clips
-from proxyprompt.training import make_optimizer, train_episodes
-from proxyprompt.video_protocol import VideoProtocol, video_model
-from proxyprompt.video_training import ClipBank, VideoEpisodeNet
+from ppgseg.data.video import load_clips
+from ppgseg.training import make_optimizer, train_episodes
+from ppgseg.video_protocol import VideoProtocol, video_model
+from ppgseg.video_training import ClipBank, VideoEpisodeNet
 
 
 def main() -> None:

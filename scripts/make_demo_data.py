@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from proxyprompt.data.demo import FAMILIES, write_family, write_studies
-from proxyprompt.data.video import write_demo_videos
+from ppgseg.data.demo import FAMILIES, write_family, write_studies
+from ppgseg.data.video import write_demo_videos
 
 
 def main() -> None:

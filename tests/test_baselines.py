@@ -8,13 +8,13 @@ import pytest
 import torch
 from monai.metrics import compute_dice
 
-from proxyprompt.backbones import build_sam_tiny
-from proxyprompt.baselines import BASELINES, MedPerSAM, Pairs, PerSAM, ProxyPrompt, Target
-from proxyprompt.baselines.base import component_at
-from proxyprompt.baselines.registration import PairRegistration
-from proxyprompt.build import build_model
-from proxyprompt.data.contract import Sample
-from proxyprompt.data.synthetic import two_object_set
+from ppgseg.backbones import build_sam_tiny
+from ppgseg.baselines import BASELINES, MedPerSAM, Pairs, PerSAM, ProxyPrompt, Target
+from ppgseg.baselines.base import component_at
+from ppgseg.baselines.registration import PairRegistration
+from ppgseg.build import build_model
+from ppgseg.data.contract import Sample
+from ppgseg.data.synthetic import two_object_set
 
 
 def make_target(backbone, image: torch.Tensor, masks: torch.Tensor) -> Target:
@@ -124,7 +124,7 @@ def test_component_at_keeps_the_touching_region_only():
 
 
 def test_pairs_keep_sam2_high_resolution_levels(tiny_case):
-    from proxyprompt.build import build_backbone
+    from ppgseg.build import build_backbone
 
     _, _, samples = tiny_case
     torch.manual_seed(0)

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from proxyprompt import build_model, save_ppg
-from proxyprompt.data.demo import write_family
-from proxyprompt.workflows import FolderSegmenter, SupportSet, select_objects
+from ppgseg import build_model, save_ppg
+from ppgseg.data.demo import write_family
+from ppgseg.workflows import FolderSegmenter, SupportSet, select_objects
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundle" / "configs"

@@ -10,9 +10,9 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from proxyprompt.data.contract import load_samples, read_labels, read_split
-from proxyprompt.data.convert import convert_fpa, convert_jnu_ifm, convert_refuge2, convert_stare
-from proxyprompt.data.video import load_clips
+from ppgseg.data.contract import load_samples, read_labels, read_split
+from ppgseg.data.convert import convert_fpa, convert_jnu_ifm, convert_refuge2, convert_stare
+from ppgseg.data.video import load_clips
 
 
 def _fake_fpa(root, n=5):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from proxyprompt.data.contract import Sample, load_samples, read_labels, read_split
-from proxyprompt.data.demo import write_family
-from proxyprompt.data.episodes import EpisodeSampler, PairAugment, subject_of
+from ppgseg.data.contract import Sample, load_samples, read_labels, read_split
+from ppgseg.data.demo import write_family
+from ppgseg.data.episodes import EpisodeSampler, PairAugment, subject_of
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,8 @@ def test_support_never_contains_the_target_nor_its_study(demo):
 
 def test_one_augmentation_draw_per_view_for_the_whole_training_set():
     """Identical samples stay identical inside a view (one draw for all), views differ, masks follow the images."""
-    from proxyprompt import build_model
-    from proxyprompt.training import EpisodeBank
+    from ppgseg import build_model
+    from ppgseg.training import EpisodeBank
 
     model = build_model("sam_tiny", "tiny", pretrained=False)
     image = torch.rand(3, 48, 64) * 255

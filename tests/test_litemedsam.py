@@ -6,10 +6,10 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice
 
-from proxyprompt import build_model
-from proxyprompt.data.contract import Sample
-from proxyprompt.data.synthetic import two_object_set
-from proxyprompt.training import EpisodeBank, train_episodes
+from ppgseg import build_model
+from ppgseg.data.contract import Sample
+from ppgseg.data.synthetic import two_object_set
+from ppgseg.training import EpisodeBank, train_episodes
 
 
 def test_box_prompt_segments_a_bright_disk(litemedsam_backbone):

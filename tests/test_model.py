@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from proxyprompt import build_model, load_ppg, save_ppg
-from proxyprompt.backbones import build_sam_tiny
-from proxyprompt.lora import add_lora, is_trainable
-from proxyprompt.modeling.colorization import ContextualColorization, PooledContext
-from proxyprompt.modeling.selective_map import MeanContext, SelectiveMap
+from ppgseg import build_model, load_ppg, save_ppg
+from ppgseg.backbones import build_sam_tiny
+from ppgseg.lora import add_lora, is_trainable
+from ppgseg.modeling.colorization import ContextualColorization, PooledContext
+from ppgseg.modeling.selective_map import MeanContext, SelectiveMap
 
 H, W = 96, 120  # not square and not the backbone's 128: exercises resize and padding
 

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from proxyprompt.modeling.bridge import BridgeUnit, CrossObjectCBAM
-from proxyprompt.modeling.colorization import ContextualColorization, PooledContext
-from proxyprompt.modeling.generator import ProxyPromptGenerator
-from proxyprompt.modeling.selective_map import MeanContext, SelectiveMap
-from proxyprompt.modeling.vision_mamba import VisionMambaEncoder
+from ppgseg.modeling.bridge import BridgeUnit, CrossObjectCBAM
+from ppgseg.modeling.colorization import ContextualColorization, PooledContext
+from ppgseg.modeling.generator import ProxyPromptGenerator
+from ppgseg.modeling.selective_map import MeanContext, SelectiveMap
+from ppgseg.modeling.vision_mamba import VisionMambaEncoder
 
 B, K, HW, C, N = 2, 3, 16, 8, 2
 

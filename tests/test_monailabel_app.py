@@ -21,7 +21,7 @@ import requests
 from fastapi import HTTPException
 from requests_toolbelt import MultipartDecoder
 
-from proxyprompt.data.demo import write_studies
+from ppgseg.data.demo import write_studies
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = {"liver": 1, "spleen": 2, "kidney": 3}
@@ -270,7 +270,7 @@ def test_2d_images_are_segmented_in_their_own_format_and_size(tmp_path, app_code
     """In-process (no server): a datastore of PNG fundus-like images, two with final labels."""
     from PIL import Image
 
-    from proxyprompt.data.demo import write_family
+    from ppgseg.data.demo import write_family
 
     family = write_family(tmp_path / "data", "fundus", n_train=3, n_val=0, n_test=0, seed=2)
     studies = tmp_path / "studies"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from proxyprompt.baselines import METHODS
-from proxyprompt.data.demo import write_family
-from proxyprompt.protocol import Protocol, Settings
+from ppgseg.baselines import METHODS
+from ppgseg.data.demo import write_family
+from ppgseg.protocol import Protocol, Settings
 
 
 def test_tiny_protocol_writes_every_section(tmp_path):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from proxyprompt.modeling.selective_scan import (
+from ppgseg.modeling.selective_scan import (
     kernel_available,
     selective_scan,
     selective_scan_ref,

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from proxyprompt.build import build_model
-from proxyprompt.lora import is_trainable
-from proxyprompt.modeling.proxy_sam2_video import ProxyPromptVideo
+from ppgseg.build import build_model
+from ppgseg.lora import is_trainable
+from ppgseg.modeling.proxy_sam2_video import ProxyPromptVideo
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +125,13 @@ def test_video_mode_needs_sam2_and_its_checkpoint(tmp_path):
 # --- clips and video episodes ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo_videos(tmp_path_factory):
-    from proxyprompt.data.video import write_demo_videos
+    from ppgseg.data.video import write_demo_videos
 
     return write_demo_videos(tmp_path_factory.mktemp("videos"), n_train=3, n_val=1, n_test=1, frames=4, seed=3)
 
 
 def test_demo_videos_group_into_ordered_clips_split_by_subject(demo_videos):
-    from proxyprompt.data.video import load_clips
+    from ppgseg.data.video import load_clips
 
     train, test = load_clips(demo_videos, "training"), load_clips(demo_videos, "test")
     assert len(train) == 3 and len(test) == 1 and not {c.name for c in train} & {c.name for c in test}
@@ -142,8 +142,8 @@ def test_demo_videos_group_into_ordered_clips_split_by_subject(demo_videos):
 
 
 def test_volume_slices_and_badly_named_frames(tmp_path):
-    from proxyprompt.data.contract import Sample
-    from proxyprompt.data.video import as_clips
+    from ppgseg.data.contract import Sample
+    from ppgseg.data.video import as_clips
 
     img, lab = torch.zeros(1, 8, 8), torch.ones(8, 8, dtype=torch.long)
     clips = as_clips([Sample(img + z, lab, f"/d/ct1.nii.gz#2:{z}") for z in (5, 3, 4)])
@@ -156,9 +156,9 @@ def test_video_episodes_take_another_subjects_support_and_learn(video_model, dem
     import numpy as np
     from monai.losses import DiceLoss
 
-    from proxyprompt.data.video import load_clips
-    from proxyprompt.training import train_episodes
-    from proxyprompt.video_training import ClipBank, VideoEpisodeNet
+    from ppgseg.data.video import load_clips
+    from ppgseg.training import train_episodes
+    from ppgseg.video_training import ClipBank, VideoEpisodeNet
 
     bank = ClipBank(video_model, load_clips(demo_videos, "training"), [1, 2], length=2)
     assert [len(f) for f in bank.frames] == [4, 4, 4] and bank.x[0].shape == (4, 3, 256, 256)
@@ -187,7 +187,7 @@ def test_video_episodes_take_another_subjects_support_and_learn(video_model, dem
 
 
 def test_video_baselines_run_in_the_same_harness(video_model, clip):
-    from proxyprompt.baselines.video import first_frame_box_pass, mask_prompt_pass, pseudo_box_pass
+    from ppgseg.baselines.video import first_frame_box_pass, mask_prompt_pass, pseudo_box_pass
 
     frames, two, _ = clip
     with torch.no_grad():
@@ -221,7 +221,7 @@ def test_video_inference_through_the_bundle_on_frames_and_volumes(demo_videos, t
     from PIL import Image
     from test_bundle import CONFIGS, bundle_run
 
-    from proxyprompt.data.demo import write_family
+    from ppgseg.data.demo import write_family
 
     frames_in = tmp_path / "frames"
     frames_in.mkdir()
@@ -256,9 +256,9 @@ def test_video_inference_through_the_bundle_on_frames_and_volumes(demo_videos, t
 def test_label_app_service_propagates_volumes_with_sam2(video_model, tmp_path):
     import nibabel as nib
 
-    from proxyprompt.data.demo import write_studies
-    from proxyprompt.serving import ProxyPromptService, Study
-    from proxyprompt.workflows import read_image
+    from ppgseg.data.demo import write_studies
+    from ppgseg.serving import ProxyPromptService, Study
+    from ppgseg.workflows import read_image
 
     folder = write_studies(tmp_path / "studies", n_studies=3, n_labelled=2, shape=(48, 48, 6), seed=2)
     studies = sorted(folder.glob("*.nii.gz"))
@@ -287,7 +287,7 @@ def test_the_prepared_gpu_check_runs_on_cpu_at_toy_size():
 
 
 def test_fig4_video_comparison_writes_every_method(video_model, demo_videos, tmp_path):
-    from proxyprompt.video_protocol import SUPPORT_METHODS, TARGET_METHODS, VideoProtocol
+    from ppgseg.video_protocol import SUPPORT_METHODS, TARGET_METHODS, VideoProtocol
 
     protocol = VideoProtocol(video_model, demo_videos, draws=2, seed=1)
     res = protocol.run()

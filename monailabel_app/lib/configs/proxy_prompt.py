@@ -9,9 +9,9 @@ from pathlib import Path
 
 from fastapi import HTTPException
 
-from proxyprompt import build_model
-from proxyprompt.checkpoint import load_ppg
-from proxyprompt.serving import ProxyPromptService, Study
+from ppgseg import build_model
+from ppgseg.checkpoint import load_ppg
+from ppgseg.serving import ProxyPromptService, Study
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.configs.proxy_prompt import ProxyPromptConfig, bad_request
-from proxyprompt.serving import Study
-from proxyprompt.workflows import read_image, write_label
+from ppgseg.serving import Study
+from ppgseg.workflows import read_image, write_label
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class _ProxyPromptInfer(InferTask):
         image_path = Path(request["image"])
         two_d = image.dim() == 3
         ext = ".png" if two_d and image_path.suffix.lower() in (".png", ".jpg", ".jpeg") else ".nii.gz"
-        out_dir = Path(tempfile.gettempdir()) / "proxyprompt_results"  # MONAI Label deletes the file once sent
+        out_dir = Path(tempfile.gettempdir()) / "ppgseg_results"  # MONAI Label deletes the file once sent
         path = write_label(label, image, out_dir, f"label_{uuid.uuid4().hex}", ext)
         params = {"label_names": labels, **info, "latency_seconds": round(time.monotonic() - start, 2)}
         logger.info(f"{self.description}: {params['weights']}; {params['latency_seconds']} s")

@@ -1,4 +1,4 @@
-"""proxyprompt: few-shot medical segmentation with a Proxy Prompt Generator on frozen SAM-family models."""
+"""ppgseg: few-shot medical segmentation with a Proxy Prompt Generator on frozen SAM-family models."""
 
 from .build import BACKBONES, PRESETS, Preset, build_model
 from .checkpoint import load_ppg, save_ppg

@@ -9,7 +9,7 @@ from torch import nn
 
 from .lora import is_trainable
 
-FORMAT = "proxyprompt-ppg/1"
+FORMAT = "ppgseg-ppg/1"
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -35,7 +35,7 @@ def load_ppg(model: nn.Module, path: str | Path) -> None:
         raise FileNotFoundError(f"PPG checkpoint {path} does not exist")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a proxyprompt PPG checkpoint (expected format {FORMAT!r})")
+        raise ValueError(f"{path} is not a ppgseg PPG checkpoint (expected format {FORMAT!r})")
     saved, ours = ckpt["config"], model.config
     if saved.get("backbone") != ours.get("backbone"):
         raise ValueError(

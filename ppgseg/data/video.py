@@ -92,4 +92,4 @@ def write_demo_videos(
     video = {p[0]: p[0].rsplit("_", 1)[0] for p in pairs}
     splits = split_ids(list(video), n_train, n_val, seed, group=video.__getitem__)
     labels = {1: "pubic_symphysis", 2: "fetal_head"}
-    return write_contract(Path(root) / "ultrasound_video", "proxyprompt demo ultrasound video", labels, pairs, splits)
+    return write_contract(Path(root) / "ultrasound_video", "ppgseg demo ultrasound video", labels, pairs, splits)

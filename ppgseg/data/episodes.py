@@ -2,7 +2,7 @@
 
 Augmentation follows the paper (Sec. 4.2): brightness, contrast and saturation within +-0.1, rotation up to 15
 degrees, shear up to 10 degrees. One draw is applied to every support image and mask of an episode; the target gets
-its own draw (see `proxyprompt.training.EpisodeBank`, which precomputes the draws as views of the training set).
+its own draw (see `ppgseg.training.EpisodeBank`, which precomputes the draws as views of the training set).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from .training import EpisodeBank, EpisodeNet, make_optimizer, train_episodes
 from .video_workflows import label_clip, video_support
 from .workflows import as_slices, encode_samples, read_image, segment_image
 
-logger = logging.getLogger("proxyprompt")
+logger = logging.getLogger("ppgseg")
 
 
 @dataclass(frozen=True)

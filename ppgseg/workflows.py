@@ -28,7 +28,7 @@ from .modeling.generator import SupportEmbedding
 from .modeling.proxy_sam import ProxyPromptSAM
 from .training import encoder_frame
 
-logger = logging.getLogger("proxyprompt")
+logger = logging.getLogger("ppgseg")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".nrrd", ".mha", ".dcm")
 COLORS = np.array([[255, 60, 60], [60, 160, 255], [80, 220, 80], [250, 210, 40], [200, 80, 220]], np.float32)
