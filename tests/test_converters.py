@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from ppgseg.data.contract import load_samples, read_labels, read_split
-from ppgseg.data.convert import convert_fpa, convert_jnu_ifm, convert_refuge2, convert_stare
+from ppgseg.data.convert import convert_drive, convert_fpa, convert_jnu_ifm, convert_refuge2, convert_stare
 from ppgseg.data.video import load_clips
 
 
@@ -129,3 +129,62 @@ def test_stare_reads_gzipped_ppm(tmp_path):
     assert [len(read_split(out, s)) for s in ("training", "test")] == [3, 1]
     sample = load_samples(read_split(out, "test"))[0]
     assert sample.label.sum() == 16 * 2 and set(sample.label.unique().tolist()) == {0, 1}
+
+
+def test_drive_keeps_the_official_split(tmp_path):
+    src = tmp_path / "src" / "DRIVE"
+    for folder, numbers in (("training", range(21, 25)), ("test", range(1, 3))):
+        (src / folder / "images").mkdir(parents=True)
+        (src / folder / "1st_manual").mkdir()
+        for n in numbers:
+            Image.fromarray(np.full((18, 17, 3), 5 * n, np.uint8)).save(
+                src / folder / "images" / f"{n:02d}_{folder}.tif"
+            )
+            vessel = np.zeros((18, 17), np.uint8)
+            vessel[:, n % 10 : n % 10 + 2] = 255
+            Image.fromarray(vessel).save(src / folder / "1st_manual" / f"{n:02d}_manual1.gif")
+    cmd = [sys.executable, "scripts/convert_drive.py", str(tmp_path / "src"), str(tmp_path / "drive"), "--n-train", "3"]
+    cmd += ["--n-val", "1"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    out = tmp_path / "drive"
+    ids = {s: [e["image"].split("/")[-1] for e in read_split(out, s)] for s in ("training", "validation", "test")}
+    assert ids["test"] == ["drive_01.png", "drive_02.png"]
+    assert sorted(ids["training"] + ids["validation"]) == [f"drive_{n}.png" for n in range(21, 25)]
+    assert len(ids["validation"]) == 1
+    sample = load_samples(read_split(out, "test"))[1]
+    assert sample.image.shape == (3, 18, 17) and sample.label.sum() == 18 * 2
+    assert sample.label[:, 2:4].all() and read_labels(out) == {1: "vessel"}
+    with pytest.raises(FileNotFoundError, match="DRIVE"):
+        convert_drive(tmp_path / "empty", tmp_path / "out")
+
+
+def test_cxr_joins_both_lungs_of_montgomery_and_reads_shenzhen(tmp_path):
+    from ppgseg.data.convert import convert_cxr
+
+    mont, shen = tmp_path / "src" / "MontgomerySet", tmp_path / "src" / "ChinaSet_AllFiles"
+    for d in (mont / "CXR_png", mont / "ManualMask" / "leftMask", mont / "ManualMask" / "rightMask", shen / "CXR_png"):
+        d.mkdir(parents=True)
+    (tmp_path / "src" / "mask").mkdir()
+    for i in range(3):
+        stem = f"MCUCXR_{i:04d}_0"
+        Image.fromarray(np.full((40, 32), 100, np.uint8)).save(mont / "CXR_png" / f"{stem}.png")
+        left, right = np.zeros((40, 32), np.uint8), np.zeros((40, 32), np.uint8)
+        left[10:30, 2:12], right[10:30, 20:30] = 255, 255
+        Image.fromarray(left).save(mont / "ManualMask" / "leftMask" / f"{stem}.png")
+        Image.fromarray(right).save(mont / "ManualMask" / "rightMask" / f"{stem}.png")
+        stem = f"CHNCXR_{i:04d}_{i % 2}"
+        Image.fromarray(np.full((40, 32), 60, np.uint8)).save(shen / "CXR_png" / f"{stem}.png")
+        lungs = np.zeros((40, 32), np.uint8)
+        lungs[5:35, 4:28] = 255
+        if i < 2:  # the third Shenzhen image has no mask and is left out
+            Image.fromarray(lungs).save(tmp_path / "src" / "mask" / f"{stem}_mask.png")
+    out = convert_cxr(tmp_path / "src", tmp_path / "cxr", n_train=2, n_val=1, size=0)
+    entries = [e for s in ("training", "validation", "test") for e in read_split(out, s)]
+    assert len(entries) == 5 and read_labels(out) == {1: "lungs"}
+    by_name = {s.source.split("/")[-1]: s for s in load_samples(entries)}
+    assert by_name["MCUCXR_0000_0.png"].label.sum() == 2 * 20 * 10
+    assert by_name["CHNCXR_0001_1.png"].label.sum() == 30 * 24
+    resized = convert_cxr(tmp_path / "src", tmp_path / "cxr64", n_train=2, n_val=1, size=64)
+    assert load_samples(read_split(resized, "training"))[0].label.shape == (64, 64)
+    with pytest.raises(FileNotFoundError, match="Montgomery or Shenzhen"):
+        convert_cxr(tmp_path / "src" / "mask", tmp_path / "out")

@@ -189,14 +189,96 @@ def convert_stare(
     return write_contract(out, "STARE", {1: "vessel"}, pairs, splits)
 
 
-def cli(convert: Callable[..., Path], *, n_val: int = 4) -> None:
-    """Command line of a converter script: ``SRC OUT [--n-train 16] [--n-val N] [--seed 0]``."""
+def convert_drive(src: str | Path, out: str | Path, *, n_train: int = 20, n_val: int = 0, seed: int = 0) -> Path:
+    """DRIVE retinal vessels (Staal et al. 2004), the official release as unpacked:
+    ``training/images/21_training.tif`` + ``training/1st_manual/21_manual1.gif`` (images 21-40) and
+    ``test/images/01_test.tif`` + ``test/1st_manual/01_manual1.gif`` (01-20); ``src`` may be the folder above
+    ``DRIVE/``. The official split is kept: the test folder is the test split; of the training folder, a seeded draw
+    of ``n_val`` images validates and ``n_train`` train (all 20 by default). Vessels = 1; the field-of-view masks
+    are not used.
+    """
+    src = Path(src)
+    src = src / "DRIVE" if (src / "DRIVE" / "training").is_dir() else src
+    pairs, split_of = [], {}
+    for folder, split in (("training", "training"), ("test", "test")):
+        images = sorted((src / folder / "images").glob(f"*_{folder}.tif"))
+        if not images:
+            raise FileNotFoundError(f"no {folder}/images/*_{folder}.tif under {src}: expected the DRIVE release layout")
+        for path in images:
+            number = path.name.split("_")[0]
+            manual = src / folder / "1st_manual" / f"{number}_manual1.gif"
+            if not manual.is_file():
+                raise FileNotFoundError(f"{path} has no first-observer label {manual}")
+            label = (np.array(Image.open(manual).convert("L")) > 127).astype(np.uint8)
+            pairs.append((f"drive_{number}", np.array(Image.open(path).convert("RGB")), label))
+            split_of[f"drive_{number}"] = split
+    train_ids = [i for i, s in split_of.items() if s == "training"]
+    if n_train + n_val > len(train_ids):
+        raise ValueError(f"the training folder has {len(train_ids)} images, fewer than {n_train} + {n_val} asked")
+    order = [train_ids[i] for i in np.random.default_rng(seed).permutation(len(train_ids))]
+    splits = {
+        "training": sorted(order[:n_train]),
+        "validation": sorted(order[n_train : n_train + n_val]),
+        "test": [i for i, s in split_of.items() if s == "test"],
+    }
+    return write_contract(out, "DRIVE", {1: "vessel"}, pairs, splits)
+
+
+def _cxr_masks(pngs: dict[tuple[str, str], Path], stem: str) -> list[Path]:
+    """The lung mask files of one chest X-ray: Montgomery's left + right masks, or Shenzhen's one mask.
+    ``pngs`` maps (parent folder name, file name) to the path of every PNG in the release."""
+    both = [pngs[side, f"{stem}.png"] for side in ("leftMask", "rightMask") if (side, f"{stem}.png") in pngs]
+    if both:
+        return both
+    return [p for (parent, name), p in pngs.items() if name == f"{stem}_mask.png" and parent != "CXR_png"]
+
+
+def convert_cxr(
+    src: str | Path, out: str | Path, *, n_train: int = 16, n_val: int = 4, seed: int = 0, size: int = 512
+) -> Path:
+    """Chest X-rays with lung masks: the Montgomery County set (``MontgomerySet/CXR_png/MCUCXR_0001_0.png`` +
+    ``ManualMask/leftMask|rightMask/MCUCXR_0001_0.png``) and the Shenzhen set (``CXR_png/CHNCXR_0001_0.png`` + a
+    mask folder with ``CHNCXR_0001_0_mask.png``, as the Shenzhen lung-mask release names them), either or both
+    anywhere under ``src``. Images without a mask are left out. Both lungs = 1. Images and masks are resized to
+    ``size`` x ``size`` (the releases are up to 4892 pixels a side; 0 keeps them). One image per patient, so the
+    seeded split is by image.
+    """
+    src = Path(src)
+    images = sorted(p for p in src.rglob("CXR_png/*.png"))
+    if not images:
+        raise FileNotFoundError(f"no CXR_png/*.png under {src}: expected the Montgomery or Shenzhen release layout")
+    pngs = {(p.parent.name, p.name): p for p in src.rglob("*.png")}
+    pairs = []
+    for path in images:
+        masks = _cxr_masks(pngs, path.stem)
+        if not masks:
+            continue
+        image = Image.open(path).convert("L")
+        lungs = np.zeros(image.size[::-1], bool)
+        for m in masks:
+            raw = Image.open(m).convert("L")
+            if raw.size != image.size:
+                raise ValueError(f"mask {m} is {raw.size}, its image {path} is {image.size}")
+            lungs |= np.array(raw) > 127
+        label = Image.fromarray(lungs.astype(np.uint8))
+        if size:
+            image = image.resize((size, size), Image.BILINEAR)
+            label = label.resize((size, size), Image.NEAREST)
+        pairs.append((path.stem, np.array(image), np.array(label)))
+    if not pairs:
+        raise FileNotFoundError(f"no CXR_png image under {src} has a lung mask (ManualMask/ or *_mask.png)")
+    splits = split_ids([p[0] for p in pairs], n_train, n_val, seed)
+    return write_contract(out, "CXR lungs (Montgomery, Shenzhen)", {1: "lungs"}, pairs, splits)
+
+
+def cli(convert: Callable[..., Path], *, n_train: int = 16, n_val: int = 4) -> None:
+    """Command line of a converter script: ``SRC OUT [--n-train N] [--n-val N] [--seed 0]``."""
     import argparse
 
     parser = argparse.ArgumentParser(description=convert.__doc__)
     parser.add_argument("src", help="the folder the release was unpacked to")
     parser.add_argument("out", help="the data-contract folder to write")
-    parser.add_argument("--n-train", type=int, default=16)
+    parser.add_argument("--n-train", type=int, default=n_train)
     parser.add_argument("--n-val", type=int, default=n_val)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
