@@ -16,26 +16,37 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if is_trainable(k)}
 
 
-def save_ppg(model: nn.Module, path: str | Path, *, half: bool = False) -> Path:
-    """Write only the PPG + LoRA weights, with the backbone and settings they were trained for."""
+def save_ppg(model: nn.Module, path: str | Path, *, half: bool = False, seed: int | None = None) -> Path:
+    """Write only the PPG + LoRA weights, with the backbone and settings they were trained for (and the training
+    run's ``seed``, when given)."""
     state = trainable_state(model)
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": FORMAT, "config": model.config, "state_dict": state}, path)
+    torch.save({"format": FORMAT, "config": model.config, "state_dict": state, "seed": seed}, path)
     return path
+
+
+def saved_config(path: str | Path) -> dict:
+    """The settings a `save_ppg` file was trained with (its backbone, preset fields and prompt route)."""
+    return _read(Path(path))["config"]
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"PPG checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a ppgseg PPG checkpoint (expected format {FORMAT!r})")
+    return ckpt
 
 
 def load_ppg(model: nn.Module, path: str | Path) -> None:
     """Load a `save_ppg` file into ``model``; refuse one made for another backbone or settings, or with any
     missing, unexpected or mis-shaped key."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"PPG checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a ppgseg PPG checkpoint (expected format {FORMAT!r})")
+    ckpt = _read(path)
     saved, ours = ckpt["config"], model.config
     if saved.get("backbone") != ours.get("backbone"):
         raise ValueError(

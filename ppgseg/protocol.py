@@ -3,6 +3,8 @@
 - Table 1: train on M training pairs, segment the test split with K supports; Dice per object, for PPG and each of
   its peers in `baselines` (same backbone, preprocessing, data, supports and metric), with their per-target latency.
 - Table 2: the CSM/CCM ablation (Selective map replaced by the mean context, CCM by pooled context, both).
+- Prompt routes: P alone (Eq. 12), the carried support masks alone, both, and the carried masks with no decoder,
+  each trained as it runs (`modeling/prompt_route.py`).
 - Fig. 7: M in {2, 4, 8, 16} training pairs x G in {1, 2, 4, 8} test-time supports (G <= M), several support draws.
 - Fig. 4: stability: Dice spread over 5 different support sets, for every method of Table 1.
 
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.losses import DiceCELoss, DiceLoss
 from monai.metrics import compute_dice
 from tqdm import tqdm
 
@@ -27,9 +30,21 @@ from .baselines.base import encode_each
 from .build import build_backbone, build_model
 from .data.contract import read_labels
 from .data.episodes import to_byte_range
+from .modeling.prompt_route import ROUTES
 from .modeling.proxy_sam import ProxyPromptSAM
 from .training import EpisodeBank, make_optimizer, train_episodes
 from .workflows import split_samples
+
+# the paper's Dice loss (Eq. 13), or Dice + BCE: with Dice alone a route whose first masks are all background can
+# settle on empty masks, where the saturated sigmoid passes no gradient; BCE's gradient does not vanish there
+LOSSES = {"dice": DiceLoss, "dicece": DiceCELoss}
+
+ROUTE_ABLATIONS = {
+    "P only (paper, Eq. 12)": "paper",
+    "mask transfer only (P unused)": "mask",
+    "both (P + carried mask)": "transfer",
+    "carried mask thresholded, no decoder": "coarse",
+}
 
 ABLATIONS = {
     "PPG (CSM + CCM)": {},
@@ -46,6 +61,10 @@ class Settings:
     backbone: str = "litemedsam"
     preset: str = "cpu"
     checkpoint: str | None = None
+    prompt: str = "transfer"
+    train_pairs: int | None = None
+    test_images: int | None = None
+    loss: str = "dice"
     steps: int = 150
     train_support: int = 4
     test_support: int = 4
@@ -53,7 +72,7 @@ class Settings:
     draws: int = 5
     train_sizes: tuple[int, ...] = (2, 4, 8, 16)
     support_sizes: tuple[int, ...] = (1, 2, 4, 8)
-    studies: tuple[str, ...] = ("table1", "table2", "fig7", "fig4")
+    studies: tuple[str, ...] = ("table1", "table2", "routes", "fig7", "fig4")
     methods: tuple[str, ...] = METHODS
     finetune_steps: int = 150
     overlays: int = 4
@@ -63,6 +82,8 @@ class Settings:
         unknown = set(self.methods) - set(METHODS)
         if unknown or not self.methods:
             raise ValueError(f"methods must be among {list(METHODS)}, got {list(self.methods)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
 
 
 class Protocol:
@@ -70,8 +91,8 @@ class Protocol:
         self.s = s
         self.labels = read_labels(s.dataset)
         self.ids, self.names = list(self.labels), list(self.labels.values())
-        self.train_samples = split_samples(s.dataset, "training")
-        self.test_samples = split_samples(s.dataset, "test")
+        self.train_samples = split_samples(s.dataset, "training")[: s.train_pairs]
+        self.test_samples = split_samples(s.dataset, "test")[: s.test_images]
         self.bank: EpisodeBank | None = None
         self.test_cache: list | None = None
         self.results: dict = {}
@@ -79,7 +100,7 @@ class Protocol:
 
     def model(self, **overrides) -> ProxyPromptSAM:
         torch.manual_seed(self.s.seed)
-        return build_model(self.s.backbone, self.s.preset, self.s.checkpoint, **overrides)
+        return build_model(self.s.backbone, self.s.preset, self.s.checkpoint, **{"prompt": self.s.prompt, **overrides})
 
     # --- data ------------------------------------------------------------------------------------------------------
     def prepare(self, model: ProxyPromptSAM) -> None:
@@ -114,7 +135,7 @@ class Protocol:
         optimizer = make_optimizer(model)
         train_episodes(
             model, bank, steps=self.s.steps, num_support=k, optimizer=optimizer, seed=self.s.seed,
-            progress=f"PPG on {m} pairs",
+            progress=f"PPG on {m} pairs", loss_fn=LOSSES[self.s.loss](sigmoid=True),
         )  # fmt: skip
         return model
 
@@ -229,7 +250,7 @@ class Protocol:
         main = None
         bar = tqdm(total=len(s.studies), desc="studies")
         comparison = {"table1", "fig4"} & set(s.studies)
-        if comparison and "ppg" in s.methods or {"table2", "fig7"} & set(s.studies):
+        if comparison and "ppg" in s.methods or {"table2", "routes", "fig7"} & set(s.studies):
             main = self.model()
             self.prepare(main)
             t = time.time()
@@ -243,6 +264,18 @@ class Protocol:
             for name, overrides in ABLATIONS.items():
                 model = main if not overrides and main is not None else self.train(self.model(**overrides), m_full)
                 res["table2"][name] = self.evaluate(model, self.support_draw(m_full, s.test_support, 0)).tolist()
+            bar.update()
+        if "routes" in s.studies:
+            res["routes"] = {}
+            for name, route in ROUTE_ABLATIONS.items():
+                if route == s.prompt and main is not None:
+                    model = main
+                elif ROUTES[route].uses_decoder:
+                    model = self.train(self.model(prompt=route), m_full)
+                else:  # nothing to train
+                    model = self.model(prompt=route)
+                    self.prepare(model)
+                res["routes"][name] = self.evaluate(model, self.support_draw(m_full, s.test_support, 0)).tolist()
             bar.update()
         if "fig7" in s.studies:
             res["fig7"] = {}

@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from .protocol import Protocol
 
 
+LOSS_NAMES = {"dice": "Dice", "dicece": "Dice + BCE"}
+
+
 def _table(
     names: list[str], rows: list[tuple[str, list[float]]], extra: dict[str, list[str]] | None = None, first: str = ""
 ) -> list[str]:
@@ -46,10 +49,11 @@ def write_report(p: Protocol) -> Path:
         f"# Protocol report: {s.dataset.name}",
         "",
         f"Dataset `{s.dataset}`: {len(p.train_samples)} training and {len(p.test_samples)} test samples, "
-        f"objects {', '.join(names)}. Backbone `{s.backbone}`, preset `{s.preset}`. Each PPG model trains "
-        f"{s.steps} episodes (paper SGD, Dice loss) with up to {s.train_support} supports per episode and "
-        f"{s.views} augmentation views, from seed {s.seed}. Dice on the test split; a target that does not show "
-        f"an object does not count for it. Written by `scripts/evaluate_protocol.py`.",
+        f"objects {', '.join(names)}. Backbone `{s.backbone}`, preset `{s.preset}`, prompt route `{s.prompt}`. "
+        f"Each PPG model trains {s.steps} episodes (paper SGD, {LOSS_NAMES[s.loss]} loss) with up to "
+        f"{s.train_support} supports per episode and {s.views} augmentation views, from seed {s.seed}. Dice on the "
+        f"test split; a target that does not show an object does not count for it. Written by "
+        f"`scripts/evaluate_protocol.py`.",
         "",
     ]
     methods = res.get("methods", {})
@@ -61,6 +65,16 @@ def write_report(p: Protocol) -> Path:
     if "table2" in res:
         lines += ["## Table 2: CSM / CCM ablation", ""]
         lines += _table(names, list(res["table2"].items())) + [""]
+    if "routes" in res:
+        lines += [
+            "## Prompt routes: where the segmentation comes from",
+            "",
+            "Each row is a model trained with that route (the last one has nothing to train): P alone in the "
+            "decoder's sparse slot as the paper's Eq. 12, the support masks carried over by the Selective map alone "
+            "(SAM's mask-prompt slot), both, and those carried masks thresholded with no decoder.",
+            "",
+        ]
+        lines += _table(names, list(res["routes"].items())) + [""]
     if "fig7" in res:
         cells = {tuple(map(int, k.split(","))): v for k, v in res["fig7"].items()}
         ms, gs = sorted({m for m, _ in cells}), sorted({g for _, g in cells})

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .backbones.base import Backbone, Features
 from .data.contract import Sample
 from .data.episodes import EpisodeSampler, PairAugment, to_byte_range
-from .modeling.proxy_sam import ProxyPromptSAM
+from .modeling.proxy_sam import ProxyPromptSAM, check_in_frame
 
 
 class EpisodeBank:
@@ -55,18 +55,19 @@ class EpisodeBank:
         draws = [None] + [PairAugment(rng) for _ in range(views - 1)]
         backbone = model.backbone
         xs, ms = [], []
-        for draw in draws:
+        for v, draw in enumerate(draws):
             vx, vm = [], []
             for s in samples:
                 img, masks = to_byte_range(s.image), s.masks(self.label_ids)
-                if draw is not None:
-                    img, masks = draw(img, masks)
+                img, masks = draw(img, masks) if draw is not None else (img, masks)
                 x, m = encoder_frame(backbone, img, masks)
+                check_in_frame(masks, m[0], f"training sample {s.source} (augmentation view {v})")
                 vx.append(x[0])
                 vm.append(m[0])
             xs.append(torch.stack(vx))
             ms.append(torch.stack(vm))
         self.x, self.masks = torch.stack(xs), torch.stack(ms)  # (V, M, 3, S, S), (V, M, L, S, S)
+        self.shows = self.masks.flatten(3).amax(3) > 0  # (V, M, L): what each view of each sample still shows
         self.cached = not model.encoder_trains
         self.cache = [model.encode_images(x) for x in self.x] if self.cached else None
 
@@ -85,6 +86,8 @@ class EpisodeBank:
         sub.sampler = copy.copy(self.sampler)
         sub.sampler.subjects = [self.sampler.subjects[i] for i in index]
         sub.sampler.shows = [self.sampler.shows[i] for i in index]
+        sub.sampler.sources = [self.sampler.sources[i] for i in index]
+        sub.shows = self.shows[:, index]
         if len(set(sub.sampler.subjects)) < 2 and not self.sampler.same_study:
             raise ValueError(f"a subset of {len(index)} sample(s) from one study cannot make episodes")
         return sub
@@ -98,7 +101,22 @@ class EpisodeBank:
         """A random episode: indices, label ids and the two views (different ones where there are several)."""
         d = self.sampler.draw(rng, num_support)
         view_t, view_s = (int(v) for v in rng.choice(self.views, 2, replace=self.views < 2))
-        return {"target": d.target, "support": d.support, "objects": d.objects, "view_t": view_t, "view_s": view_s}
+        return {
+            "target": d.target,
+            "support": d.support,
+            "objects": d.objects,
+            "view_t": self.target_view(d.target, d.objects, view_t),
+            "view_s": view_s,
+        }
+
+    def target_view(self, target: int, objects: list[int], view: int) -> int:
+        """``view``, or the first view in which the target still shows every requested object that its sample shows
+        (an augmentation may rotate a small object out of the frame); view 0, the data as read, always does."""
+        want = [self.label_ids.index(o) for o in objects if o in self.sampler.shows[target]]
+        for v in (view, *range(self.views)):
+            if bool(self.shows[v, target, want].all()):
+                return v
+        raise ValueError(f"training sample {self.sampler.sources[target]}: objects {want} are empty in every view")
 
 
 def encoder_frame(backbone: Backbone, image: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:

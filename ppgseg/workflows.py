@@ -15,6 +15,7 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator
+from monai.inferers import Inferer, SimpleInferer
 from monai.metrics import compute_dice
 from monai.transforms import LoadImage, SaveImage
 from PIL import Image
@@ -26,6 +27,7 @@ from .data.contract import Sample, load_samples, read_labels, read_split
 from .data.episodes import subject_of, to_byte_range
 from .modeling.generator import SupportEmbedding
 from .modeling.proxy_sam import ProxyPromptSAM
+from .tiling import support_tile, tile_samples
 from .training import encoder_frame
 
 logger = logging.getLogger("ppgseg")
@@ -49,12 +51,15 @@ def select_objects(labels: dict[int, str], objects: Sequence[str] | str | None, 
     return {by_name[n]: n for n in names}
 
 
-def split_samples(folder: str | Path, split: str, *, axis: int = 2, max_slices: int | None = None) -> list[Sample]:
-    """The 2D samples of one split of a data-contract folder; an empty split is an error naming it."""
+def split_samples(
+    folder: str | Path, split: str, *, axis: int = 2, max_slices: int | None = None, tile: int | None = None
+) -> list[Sample]:
+    """The 2D samples of one split of a data-contract folder (with ``tile``: cut into native-resolution tiles of
+    that side, training crops for images larger than the encoder input); an empty split is an error naming it."""
     samples = load_samples(read_split(folder, split), axis=axis, max_slices=max_slices)
     if not samples:
         raise ValueError(f"{Path(folder) / 'dataset.json'}: the {split!r} list has no labelled image")
-    return samples
+    return tile_samples(samples, tile) if tile else samples
 
 
 class SupportSet:
@@ -115,8 +120,10 @@ class SupportSet:
     def sources(self) -> list[str]:
         return [s.source for s in self.samples]
 
-    def encode(self, model: ProxyPromptSAM) -> SupportEmbedding:
-        return encode_samples(model, self.samples, self.label_ids)
+    def encode(self, model: ProxyPromptSAM, *, tile: int | None = None) -> SupportEmbedding:
+        """The support embedding; with ``tile``, of the pairs cut into native-resolution tiles (`tiling`)."""
+        samples = tile_samples(self.samples, tile) if tile else self.samples
+        return encode_samples(model, samples, self.label_ids)
 
 
 def encode_samples(model: ProxyPromptSAM, samples: Sequence[Sample], label_ids: Sequence[int]) -> SupportEmbedding:
@@ -157,7 +164,8 @@ def episode_step(engine: Engine, episode: dict) -> dict:
 
 class FewShotEvaluator(SupervisedEvaluator):
     """Segments every target of ``val_data_loader`` from one support set, encoded once per run with the weights of
-    that moment. Outputs per target: image, pred and label (1, N, H, W) binary, source."""
+    that moment. Outputs per target: image, pred and label (1, N, H, W) binary, source. The ``inferer`` runs the
+    model on each target (`NativeTileInferer`: native-resolution tiles, the support cut into the same tiles)."""
 
     def __init__(self, *, network: ProxyPromptSAM, support: SupportSet, **kwargs) -> None:
         kwargs.setdefault("decollate", False)
@@ -171,11 +179,11 @@ class FewShotEvaluator(SupervisedEvaluator):
             engine.state.support = self.encode_support()
 
     def encode_support(self):
-        return self.support.encode(self.network)
+        return self.support.encode(self.network, tile=support_tile(self.inferer))
 
     def segment(self, image: Tensor, support) -> Tensor:
-        """(C, H, W) target -> (1, N, H, W) logits."""
-        return self.network.segment(image[None], support)
+        """(C, H, W) target -> (1, N, H, W) logits, through the evaluator's inferer."""
+        return self.inferer(image[None], lambda x: self.network.segment(x, support))
 
     def _iteration(self, engine: Engine, batchdata: dict) -> dict:
         with torch.no_grad():
@@ -195,11 +203,13 @@ def is_main_process() -> bool:
 
 class SavePPG:
     """Writes the PPG + LoRA weights (`save_ppg`, never the frozen backbone): ``model.pt`` whenever the evaluator's
-    key metric improves and ``model_final.pt`` when training completes. Only the first process of a distributed run
-    writes."""
+    key metric improves and ``model_final.pt`` when training completes, with the run's ``seed``. Only the first
+    process of a distributed run writes."""
 
-    def __init__(self, model: ProxyPromptSAM, output_dir: str | Path, *, half: bool = False) -> None:
-        self.model, self.dir, self.half = model, Path(output_dir), half
+    def __init__(
+        self, model: ProxyPromptSAM, output_dir: str | Path, *, half: bool = False, seed: int | None = None
+    ) -> None:
+        self.model, self.dir, self.half, self.seed = model, Path(output_dir), half, seed
 
     def attach(self, engine: Engine) -> None:
         if isinstance(engine, SupervisedEvaluator):
@@ -209,12 +219,13 @@ class SavePPG:
 
     def _best(self, engine: Engine) -> None:
         if is_main_process() and engine.state.best_metric_epoch == engine.state.epoch:
-            path = save_ppg(self.model, self.dir / "model.pt", half=self.half)
+            path = save_ppg(self.model, self.dir / "model.pt", half=self.half, seed=self.seed)
             logger.info(f"best {engine.state.key_metric_name} {engine.state.best_metric:.4f}: wrote {path}")
 
     def _final(self, engine: Engine) -> None:
         if is_main_process():
-            logger.info(f"wrote {save_ppg(self.model, self.dir / 'model_final.pt', half=self.half)}")
+            path = save_ppg(self.model, self.dir / "model_final.pt", half=self.half, seed=self.seed)
+            logger.info(f"wrote {path} (seed {self.seed})")
 
 
 def overlay(image: Tensor, masks: Tensor) -> np.ndarray:
@@ -292,15 +303,30 @@ class FolderSegmenter:
     Writes one label map per input into ``output_dir``, named after the input, with its size and geometry (the
     input's affine); values are the support's label ids. 2D images keep their format (PNG/JPG inputs give PNG);
     volumes are segmented slice by slice along ``axis`` and written as NIfTI. An input that cannot be read or
-    segmented is reported and skipped; the others are still written.
+    segmented is reported and skipped; the others are still written. ``inferer`` runs the model on each image or
+    slice (MONAI's `SimpleInferer` by default; `NativeTileInferer` segments images larger than the encoder input in
+    overlapping native-resolution tiles, the support cut into the same tiles and encoded once).
     """
 
-    def __init__(self, model: ProxyPromptSAM, support: SupportSet, *, axis: int = 2, chunk: int = 8) -> None:
+    def __init__(
+        self,
+        model: ProxyPromptSAM,
+        support: SupportSet,
+        *,
+        axis: int = 2,
+        chunk: int = 8,
+        inferer: Inferer | None = None,
+    ) -> None:
         self.model, self.support, self.axis, self.chunk = model, support, axis, chunk
+        self.inferer = inferer or SimpleInferer()
         self.loader = LoadImage(image_only=True, ensure_channel_first=True)
 
-    def __call__(self, input_dir: str | Path, output_dir: str | Path) -> dict:
-        inputs = list_inputs(input_dir)
+    def __call__(self, inputs: str | Path | Sequence[str | Path], output_dir: str | Path) -> dict:
+        """Segment ``inputs`` (a folder, or a list of its entries as `list_inputs` gives them) into ``output_dir``."""
+        input_dir = inputs if isinstance(inputs, str | Path) else "the given list"
+        inputs = list_inputs(inputs) if isinstance(inputs, str | Path) else [Path(p) for p in inputs]
+        if not inputs:
+            raise ValueError("no input to segment: the list of inputs is empty")
         self.model.eval()
         with torch.no_grad():
             support = self.encode_support()
@@ -321,7 +347,7 @@ class FolderSegmenter:
         return report
 
     def encode_support(self) -> SupportEmbedding:
-        return self.support.encode(self.model)
+        return self.support.encode(self.model, tile=support_tile(self.inferer))
 
     def group(self, inputs: list[Path]) -> dict[str, list[Path]]:
         """What is segmented as one unit: here every input on its own."""
@@ -332,7 +358,9 @@ class FolderSegmenter:
 
     def segment_file(self, path: Path, output_dir: Path, embedding: SupportEmbedding) -> Path:
         image = read_image(path, self.loader)
-        label = segment_image(self.model, image, embedding, self.support.label_ids, axis=self.axis, chunk=self.chunk)
+        label = segment_image(
+            self.model, image, embedding, self.support.label_ids, axis=self.axis, chunk=self.chunk, inferer=self.inferer
+        )
         return write_label(label, image, output_dir, stem(path), label_suffix(path, image))
 
 
@@ -367,14 +395,16 @@ def segment_image(
     axis: int = 2,
     chunk: int = 8,
     skip: Sequence[int] = (),
+    inferer: Inferer | None = None,
 ) -> Tensor:
     """Label map (spatial shape of ``image``, uint8 label ids) of a 2D image or a 3D volume (C, *spatial) as read.
 
     2D images are segmented in file orientation (readers give (W, H)), as training sees them; volumes slice by slice
-    along ``axis``, the support encoded once. Slices in ``skip`` are left 0 (the caller fills them)."""
+    along ``axis``, the support encoded once. Slices in ``skip`` are left 0 (the caller fills them). ``inferer``: see
+    `label_slices`."""
     spatial = image.shape[1:]
     if len(spatial) == 2:
-        return label_slices(model, as_slices(image, axis), embedding, label_ids, chunk=chunk)[0].T
+        return label_slices(model, as_slices(image, axis), embedding, label_ids, chunk=chunk, inferer=inferer)[0].T
     if len(spatial) != 3:
         raise ValueError(f"expected a 2D image or a 3D volume, got spatial shape {tuple(spatial)}")
     if not 0 <= axis <= 2:
@@ -383,7 +413,7 @@ def segment_image(
     todo = [z for z in range(len(slices)) if z not in set(skip)]
     out = torch.zeros((len(slices), *slices.shape[2:]), dtype=torch.uint8)
     if todo:
-        out[todo] = label_slices(model, slices[todo], embedding, label_ids, chunk=chunk)
+        out[todo] = label_slices(model, slices[todo], embedding, label_ids, chunk=chunk, inferer=inferer)
     return out.movedim(0, axis)
 
 
@@ -397,15 +427,24 @@ def as_slices(image: Tensor, axis: int) -> Tensor:
 
 
 def label_slices(
-    model: ProxyPromptSAM, slices: Tensor, embedding: SupportEmbedding, label_ids: Sequence[int], *, chunk: int = 8
+    model: ProxyPromptSAM,
+    slices: Tensor,
+    embedding: SupportEmbedding,
+    label_ids: Sequence[int],
+    *,
+    chunk: int = 8,
+    inferer: Inferer | None = None,
 ) -> Tensor:
     """(Z, C, H, W) -> (Z, H, W) label map: at each pixel the label id of the most confident object with a positive
-    logit, 0 where none is."""
+    logit, 0 where none is. ``inferer`` runs the model (MONAI's `SimpleInferer` by default; `NativeTileInferer`
+    for native-resolution tiles)."""
+    inferer = inferer or SimpleInferer()
     out = []
     for start in range(0, len(slices), chunk):
         part = torch.stack([to_byte_range(s) for s in slices[start : start + chunk]])
         with torch.no_grad():
-            out.append(to_label(model.segment(part, embedding).cpu(), label_ids))  # (z, N, H, W) logits
+            logits = inferer(part, lambda x: model.segment(x, embedding))
+            out.append(to_label(logits.cpu(), label_ids))  # (z, N, H, W) logits
     return torch.cat(out)
 
 

@@ -227,3 +227,39 @@ def test_volume_support_segments_2d_targets_of_another_size(demo, tmp_path, tiny
     assert not report["failed"]
     out = np.array(Image.open(tmp_path / "out" / "x.png"))
     assert out.shape == (50, 90) and set(np.unique(out).tolist()) <= {0, 3}
+
+
+def test_tiles_through_the_bundle_train_and_inference(demo, tmp_path):
+    """`tile` in train.json (training crops and validation in tiles) and in inference.json (targets in tiles, the
+    support cut into the same tiles): the outputs keep each input's size."""
+    out = tmp_path / "train"
+    bundle_run(
+        "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(demo["fundus"]), "--output_dir", str(out),
+        "--episodes_per_epoch", "2", "--train#trainer#max_epochs", "1", "--tile", "64", *TINY, run_id="training",
+    )  # fmt: skip
+    assert (out / "model.pt").is_file()
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 150, 3), dtype=np.uint8)).save(inputs / "x.png")
+    bundle_run(
+        "--config_file", str(CONFIGS / "inference.json"), "--support_dir", str(demo["fundus"]), "--input_dir",
+        str(inputs), "--output_dir", str(tmp_path / "out"), "--ckpt_path", str(out / "model.pt"), "--num_support",
+        "2", "--tile", "64", *TINY,
+    )  # fmt: skip
+    pred = np.array(Image.open(tmp_path / "out" / "x.png"))
+    assert pred.shape == (100, 150) and set(np.unique(pred).tolist()) <= {0, 1, 2, 3}
+
+
+def test_training_repeats_under_its_seed_and_records_it(demo, tmp_path):
+    """train.json seeds every run (set_determinism in `initialize`) and writes the seed into the checkpoint."""
+    states = []
+    for run in ("a", "b"):
+        bundle_run(
+            "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(demo["fundus"]), "--output_dir",
+            str(tmp_path / run), "--episodes_per_epoch", "2", "--train#trainer#max_epochs", "1", "--val_interval",
+            "5", "--seed", "7", *TINY, run_id="training",
+        )  # fmt: skip
+        ckpt = torch.load(tmp_path / run / "model_final.pt", weights_only=True)
+        assert ckpt["seed"] == 7
+        states.append(ckpt["state_dict"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

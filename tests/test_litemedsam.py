@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
+from monai.losses import DiceCELoss, DiceLoss
 from monai.metrics import compute_dice
 
 from ppgseg import build_model
@@ -28,15 +30,24 @@ def test_box_prompt_segments_a_bright_disk(litemedsam_backbone):
     assert dice.item() > 0.9
 
 
-def test_ppg_learns_and_follows_the_support_mask():
+@pytest.mark.parametrize(
+    "prompt, loss",
+    [("transfer", DiceLoss(sigmoid=True)), ("paper", DiceCELoss(sigmoid=True))],
+    ids=["transfer-dice", "paper-dicece"],
+)
+def test_ppg_learns_and_follows_the_support_mask(prompt, loss):
+    """Both routes learn a generated two-object task and follow the support: `transfer` (P + carried masks) with the
+    paper's Dice loss, `paper` (P alone, Eq. 12) with Dice + BCE (with Dice alone it settles on empty masks)."""
     torch.manual_seed(0)
-    model = build_model("litemedsam", "cpu", vim_dim=32, vim_depth=1, vim_coarsen=1, ccm_heads=4, ccm_ffn=256)
+    model = build_model(
+        "litemedsam", "cpu", vim_dim=32, vim_depth=1, vim_coarsen=1, ccm_heads=4, ccm_ffn=256, prompt=prompt
+    )
     images, masks = two_object_set(20, 128, seed=1)
     labels = torch.where(masks[:, 0] > 0, 1, torch.where(masks[:, 1] > 0, 2, 0))
     samples = [Sample(images[i], labels[i], f"subject{i}") for i in range(16)]
     bank = EpisodeBank(model, samples, [1, 2], views=1)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses = train_episodes(model, bank, steps=150, num_support=2, optimizer=optimizer)
+    losses = train_episodes(model, bank, steps=150, num_support=2, optimizer=optimizer, loss_fn=loss)
     assert np.mean(losses[-20:]) < np.mean(losses[:20])
     held_out, truth = images[16:], masks[16:]
     with torch.no_grad():

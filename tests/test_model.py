@@ -367,3 +367,12 @@ def test_sam2_backbone_through_ppg(sam2_model) -> None:
         logits = sam2_model(make_targets(1), images, masks)
     assert logits.shape == (1, 2, H, W)
     assert torch.isfinite(logits).all()
+
+
+def test_batched_encoding_equals_one_at_a_time(model) -> None:
+    """CUDA encodes a batch in one call, CPU one image at a time: both give the same features."""
+    x, _ = model.backbone.preprocess(make_targets(3))
+    with torch.no_grad():
+        batched = model.backbone.encode(x).embed  # the CUDA path, forced on CPU
+        single = model.encode_images(x).embed  # the CPU path
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)

@@ -6,7 +6,7 @@ import json
 
 from ppgseg.baselines import METHODS
 from ppgseg.data.demo import write_family
-from ppgseg.protocol import Protocol, Settings
+from ppgseg.protocol import ROUTE_ABLATIONS, Protocol, Settings
 
 
 def test_tiny_protocol_writes_every_section(tmp_path):
@@ -18,7 +18,7 @@ def test_tiny_protocol_writes_every_section(tmp_path):
     p = Protocol(s)
     res = p.run()
     text = p.write().read_text()
-    for heading in ("## Table 1", "### Latency", "## Table 2", "## Fig. 7", "## Fig. 4"):
+    for heading in ("## Table 1", "### Latency", "## Table 2", "## Prompt routes", "## Fig. 7", "## Fig. 4"):
         assert heading in text
     methods = res["methods"]
     assert list(methods) == list(METHODS)
@@ -27,6 +27,7 @@ def test_tiny_protocol_writes_every_section(tmp_path):
         assert len(m["draws"]) == 2 and all(len(d) == 2 for d in m["draws"])
     assert methods["ppg"]["models_trained"] == 1 and methods["finetune"]["models_trained"] == 2
     assert methods["box"]["models_trained"] == 0 and methods["persam"]["models_trained"] == 0
+    assert list(res["routes"]) == list(ROUTE_ABLATIONS) and all(len(d) == 2 for d in res["routes"].values())
     assert len(res["table2"]) == 4 and set(res["fig7"]) == {"2,1", "2,2", "4,1", "4,2", "4,4"}
     for figure in ("table1_methods.png", "methods_overlays.png", "fig4_stability.png", "fig7_support_sizes.png"):
         assert (s.out / figure).stat().st_size > 0 and f"]({figure})" in text
@@ -38,3 +39,5 @@ def test_methods_are_checked(tmp_path):
 
     with pytest.raises(ValueError, match="methods must be among"):
         Settings(dataset=tmp_path, out=tmp_path, methods=("ppg", "clicks"))
+    with pytest.raises(ValueError, match="loss must be one of"):
+        Settings(dataset=tmp_path, out=tmp_path, loss="l2")

@@ -296,3 +296,28 @@ def test_fig4_video_comparison_writes_every_method(video_model, demo_videos, tmp
     assert len(set(res["support"].values())) == 2  # two different support frames
     text = protocol.write(tmp_path / "report", note="tiny").read_text()
     assert all(m in text for m in res["dice"]) and (tmp_path / "report" / "fig4_video.png").stat().st_size > 0
+
+
+def test_a_hidden_object_still_passes_a_gradient_to_the_ppg(video_model, clip):
+    """SAM 2.1 replaces the mask of an object scored <= 0 by -1024 with no gradient: forced negative object scores
+    must still give an empty mask at threshold 0, and a gradient to the PPG and the memory prompt."""
+    frames, _, _ = clip
+    head = video_model.sam2.sam_mask_decoder.pred_obj_score_head
+    last = head.layers[-1] if hasattr(head, "layers") else head
+    assert video_model.sam2.pred_obj_scores
+    saved = last.bias.detach().clone()
+    try:
+        with torch.no_grad():
+            last.bias.fill_(-50.0)  # every object "absent"
+        video_model.train()
+        video_model.zero_grad()
+        sup = video_model.video_support(torch.rand(1, 3, 256, 256), boxes_mask((40, 90, 40, 90)))
+        out = torch.stack(list(video_model.propagate(frames, sup, 0, 2).values()))
+        assert not (out > 0).any() and bool((out > -1024).all())
+        (1 - out.sigmoid()).mean().backward()  # ask for the object everywhere
+        grads = {n for n, p in video_model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert any(n.startswith("generator.") for n in grads) and any(n.startswith("memory_prompt.") for n in grads)
+    finally:
+        video_model.eval()
+        with torch.no_grad():
+            last.bias.copy_(saved)

@@ -100,6 +100,7 @@ class EpisodeSampler:
             raise ValueError(f"num_support must be >= 1, got {num_support}")
         self.subjects, self.label_ids, self.same_study = subjects, list(label_ids), same_study
         self.shows = [s.shows(self.label_ids) for s in samples]
+        self.sources = [s.source for s in samples]
         self.num_support = num_support
         self.rng = np.random.default_rng(seed)
 

@@ -47,6 +47,9 @@ class ProxyPromptGenerator(nn.Module):
         selector: Selective map, or `MeanContext` for the "without CSM selection" ablation (third step).
         colorizer: CCM, or `PooledContext` for the "without CCM" ablation.
         grid: side of the token grid the PPG works on.
+        mask_context: adds the support masks carried to each target position (read by the same Selective map) to
+            E_ctx before the CCM (`MaskContext`), so that which object is asked for is explicit in P; None leaves
+            E_ctx as Eq. 7 gives it.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class ProxyPromptGenerator(nn.Module):
         selector: nn.Module,
         colorizer: nn.Module,
         grid: int,
+        mask_context: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if grid % 4:
@@ -64,6 +68,7 @@ class ProxyPromptGenerator(nn.Module):
         self.context_encoder, self.bridge = context_encoder, bridge
         self.selector, self.colorizer = selector, colorizer
         self.grid = grid
+        self.mask_context = mask_context
         self.standardize = _Standardize()
 
     def encode_support(self, images: Tensor, masks: Tensor, features: Tensor) -> SupportEmbedding:
@@ -101,9 +106,29 @@ class ProxyPromptGenerator(nn.Module):
         values = torch.cat([support.a_agg.permute(1, 0, 2).flatten(1), support.masks.T], dim=1)  # (KHW, N*C + N)
         selected = self.selector(f_x, support.keys, values)  # (B, HW, N*C + N): one attention map for all objects
         ctx = selected[..., : n * c].unflatten(-1, (n, c)).transpose(1, 2)  # E_ctx: (B, N, HW, C)
-        coarse = selected[..., n * c :].transpose(1, 2).unflatten(-1, (h, w))  # (B, N, H, W)
+        carried = selected[..., n * c :].transpose(1, 2)  # (B, N, HW): support masks read at each target position
+        if self.mask_context is not None:
+            ctx = ctx + self.mask_context(carried)
+        coarse = carried.unflatten(-1, (h, w))  # (B, N, H, W)
         f_x = f_x.unsqueeze(1).expand(-1, n, -1, -1)  # duplicated N times (Sec. 3.2)
         return ProxyPrompt(self.colorizer(f_x, ctx, (h, w)), coarse)
+
+
+class MaskContext(nn.Module):
+    """The carried support masks as context: each target position's carried mask value m in [0, 1] becomes
+    m * e_fg + (1 - m) * e_bg (two learned C-vectors), added to E_ctx. It gives P the object's identity directly
+    (Eq. 7 carries it only inside A_agg's values, which the CCM must first learn to read)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.embed = nn.Parameter(
+            torch.randn(2, dim)
+        )  # background, foreground: unit scale, as the standardised features
+
+    def forward(self, carried: Tensor) -> Tensor:
+        """(B, N, HW) carried mask values -> (B, N, HW, C)."""
+        m = carried.unsqueeze(-1)
+        return m * self.embed[1] + (1 - m) * self.embed[0]
 
 
 class _Standardize(nn.Module):

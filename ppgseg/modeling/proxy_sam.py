@@ -8,33 +8,28 @@ from torch import Tensor, nn
 
 from ..backbones.base import Backbone, Features
 from .generator import ProxyPromptGenerator, SupportEmbedding
+from .prompt_route import PromptRoute
 
 
 class ProxyPromptSAM(nn.Module):
     """Segments N objects in any number of targets from a support set of K image-mask pairs.
 
-    The prompt enters the frozen mask decoder in both of SAM's slots:
-    - sparse: the proxy prompt P (B, N, T, C), where SAM puts its point and box tokens. P is a set of tokens, the
-      decoder's two-way transformer is what reads token prompts (and what the decoder LoRA adapts), and the slot is
-      the same in SAM, LiteMedSAM and SAM 2. As SAM does for a point (positional encoding of its coordinates plus a
-      learned embedding), each token gets the backbone's positional encoding of its cell on P's (H/4, W/4) grid (the
-      CCM's strided projections keep that layout), so the decoder knows where each token speaks of.
-    - dense: the support masks carried to the target by the same Selective-map attention as E_ctx (Eq. 7 with the
-      masks as values: each target patch gets the mask value of the support patches it resembles), embedded by the
-      backbone's own mask-prompt encoder. Without it, short trainings on CPU settle on "segment every salient
-      object" and never learn to follow the support mask: the object identity reaches P only through a few tokens,
-      and the gradient first grows the part of P common to all episodes. The coarse mask makes which object is asked
-      for explicit from the first step, at no extra parameters; P refines it.
+    The prompt reaches the frozen mask decoder by a `PromptRoute` (``prompt_route.py``): P alone as Eq. 12
+    (``paper``), or P with the support masks carried to the target by the Selective map in SAM's mask-prompt slot
+    (``transfer``), or the ablations of either.
 
     Args:
         backbone: frozen SAM-family model (with LoRA adapters where the preset puts them).
         generator: the PPG.
+        route: how P (and the carried masks) enter the decoder.
         config: the preset's settings, stored with checkpoints.
     """
 
-    def __init__(self, *, backbone: Backbone, generator: ProxyPromptGenerator, config: dict | None = None) -> None:
+    def __init__(
+        self, *, backbone: Backbone, generator: ProxyPromptGenerator, route: PromptRoute, config: dict | None = None
+    ) -> None:
         super().__init__()
-        self.backbone, self.generator = backbone, generator
+        self.backbone, self.generator, self.route = backbone, generator, route
         self.config = dict(config or {})
 
     def train(self, mode: bool = True) -> ProxyPromptSAM:
@@ -82,7 +77,10 @@ class ProxyPromptSAM(nn.Module):
         """Check a support set and bring it into the encoder's frame: (K, 3, S, S) images, (K, N, S, S) masks."""
         check_support(images, masks)
         x, geo = self.backbone.preprocess(images)
-        return x, self.backbone.preprocess_masks(masks, geo)
+        framed = self.backbone.preprocess_masks(masks, geo)
+        for k in range(masks.shape[0]):
+            check_in_frame(masks[k], framed[k], f"support pair {k}", geo.resized)
+        return x, framed
 
     def encode_prepared_support(self, x: Tensor, masks: Tensor, features: Features) -> SupportEmbedding:
         """As `encode_support`, from preprocessed inputs and their (possibly cached) backbone features."""
@@ -105,8 +103,7 @@ class ProxyPromptSAM(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Backbone features of B targets -> (B, N, 4H, 4W) low-res logits in the padded input frame."""
         tokens, coarse = self.generator(self.to_grid(features.embed), support)  # (B, N, T, C), (B, N, g, g)
-        tokens = tokens + self.backbone.token_pe(round(tokens.shape[2] ** 0.5))  # + (T, C) cell positions
-        return self.backbone.decode(features, tokens, self.backbone.embed_mask(coarse), with_iou=with_iou)
+        return self.route(self.backbone, features, tokens, coarse, with_iou=with_iou)
 
     def forward(self, targets: Tensor, support_images: Tensor, support_masks: Tensor) -> Tensor:
         """Uncached: encode the support set and segment the targets in one call."""
@@ -132,3 +129,15 @@ def check_support(images: Tensor, masks: Tensor) -> None:
     empty = [n for n in range(masks.shape[1]) if not bool(masks[:, n].any())]
     if empty:
         raise ValueError(f"support object(s) {empty} are empty in every support pair: nothing shows what to segment")
+
+
+def check_in_frame(raw: Tensor, framed: Tensor, what: str, size: tuple[int, int] | None = None) -> None:
+    """Raise ValueError if an object drawn in ``raw`` (N, H0, W0) is empty in ``framed`` (N, S, S), the masks brought
+    to the model's frame: the model would be asked to follow (or learn) a mask that is not there."""
+    lost = [n for n in range(raw.shape[0]) if bool(raw[n].any()) and not bool(framed[n].any())]
+    if lost:
+        at = f" at the encoder's {size[0]}x{size[1]}" if size else " in the encoder's frame"
+        raise ValueError(
+            f"{what}: object(s) {lost} drawn in the {tuple(raw.shape[-2:])} mask vanish{at} (too thin or small "
+            f"for the resize); use tiles at native resolution or draw the object larger"
+        )

@@ -24,6 +24,7 @@ from torch import Tensor
 from ..backbones.sam2 import Sam2Backbone
 from .generator import ProxyPromptGenerator, SupportEmbedding
 from .memory_prompt import MemoryPrompt, PromptedMemoryAttention
+from .prompt_route import PromptRoute
 from .proxy_sam import ProxyPromptSAM
 
 
@@ -68,6 +69,7 @@ class ProxyPromptVideo(ProxyPromptSAM):
         backbone: a `Sam2Backbone`; its memory attention is wrapped (once) by `PromptedMemoryAttention`.
         generator: the PPG.
         memory_prompt: projects P to SAM 2's memory width (trains with the PPG).
+        route: how P reaches the decoder when single images are segmented (`ProxyPromptSAM`).
         config: the preset's settings, stored with checkpoints.
     """
 
@@ -77,11 +79,12 @@ class ProxyPromptVideo(ProxyPromptSAM):
         backbone: Sam2Backbone,
         generator: ProxyPromptGenerator,
         memory_prompt: MemoryPrompt,
+        route: PromptRoute,
         config: dict | None = None,
     ) -> None:
         if not isinstance(backbone, Sam2Backbone):
             raise TypeError(f"video mode needs the sam2 backbone, got {type(backbone).__name__}")
-        super().__init__(backbone=backbone, generator=generator, config=config)
+        super().__init__(backbone=backbone, generator=generator, route=route, config=config)
         self.memory_prompt = memory_prompt
         sam2 = backbone.model
         if not isinstance(sam2.memory_attention, PromptedMemoryAttention):
@@ -181,7 +184,7 @@ class ProxyPromptVideo(ProxyPromptSAM):
         for f in range(start, stop, -1 if reverse else 1):
             current = step(f, bank)
             bank["non_cond_frame_outputs"][f] = current
-            out[f] = current["pred_masks"][:, 0]  # (N, 1, h, w) -> (N, h, w)
+            out[f] = through_object_score(current)
         return out
 
     def segment_video(self, frames: Frames, supports: Mapping[int, VideoSupport]) -> list[Tensor]:
@@ -203,3 +206,20 @@ class ProxyPromptVideo(ProxyPromptSAM):
         if starts[0] > 0:
             out.update(self.propagate(frames, supports[starts[0]], starts[0] - 1, -1, reverse=True))
         return [out[f] for f in range(len(frames))]
+
+
+def through_object_score(current: dict) -> Tensor:
+    """SAM 2's low-res mask logits of one frame, (N, h, w), with a gradient where the object score hides the mask.
+
+    With ``pred_obj_scores`` (every SAM 2.1 config), SAM 2 replaces the masks of objects whose score is <= 0 by
+    -1024 through a ``torch.where`` that passes no gradient: a model that starts there (or falls there) would get an
+    exactly-empty mask and a zero gradient forever. Here such an object's pixels take its object-score logit
+    instead: the same empty mask at threshold 0, and the loss reaches the score (through the decoder's LoRA and P in
+    memory attention), as SAM 2's own training supervises it.
+    """
+    masks = current["pred_masks"][:, 0]  # (N, 1, h, w) -> (N, h, w)
+    score = current.get("object_score_logits")  # (N, 1); SAM 2 keeps it outside training mode (its backbone here)
+    if score is None:
+        return masks
+    score = score[:, :, None].to(masks.dtype)  # (N, 1, 1)
+    return torch.where(score > 0, masks, score.expand_as(masks))

@@ -107,17 +107,32 @@ def selective_scan_torch(
 
 
 @functools.cache
-def _cuda_kernel():
-    """mamba-ssm's fused kernel, or None where the package (which needs a CUDA build) is absent."""
+def _kernel_import():
+    """(mamba-ssm's fused kernel, None), or (None, why it cannot be used) where the package (which needs a CUDA
+    build) is absent or fails to load."""
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception:  # ImportError, or its CUDA extension failing to load on a CPU-only machine
-        return None
-    return selective_scan_fn
+    except Exception as err:  # ImportError, or its CUDA extension failing to load on a CPU-only machine
+        return None, f"mamba-ssm does not import ({type(err).__name__}: {err})"
+    return selective_scan_fn, None
+
+
+def _cuda_kernel():
+    return _kernel_import()[0]
 
 
 def kernel_available() -> bool:
     return torch.cuda.is_available() and _cuda_kernel() is not None
+
+
+def scan_backend() -> tuple[str, str]:
+    """Which scan GPU tensors get, and why: ("mamba-ssm kernel", ...) or ("pure-PyTorch scan", the reason)."""
+    if not torch.cuda.is_available():
+        return "pure-PyTorch scan", "no CUDA device (the kernel runs on GPU tensors only)"
+    kernel, why = _kernel_import()
+    if kernel is None:
+        return "pure-PyTorch scan", why
+    return "mamba-ssm kernel", "mamba-ssm imports and a CUDA device is present"
 
 
 def selective_scan(

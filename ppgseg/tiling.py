@@ -1,0 +1,99 @@
+"""Images larger than the encoder input, at their own resolution: overlapping native-resolution tiles.
+
+A 565-pixel fundus shrunk to LiteMedSAM's 256 pixels loses most vessels below one pixel. With ``tile`` set to the
+encoder's input side, every tile is encoded without down-scaling:
+- targets are segmented by MONAI's `sliding_window_inference` (Gaussian-weighted blending of the tiles' logits), with
+  the support embedding computed once and shared by every tile;
+- support pairs and training samples are cut into the same tiles (`tile_samples`, `tile_pairs`), so that support and
+  target are seen at the same scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from monai.inferers import Inferer, sliding_window_inference
+from torch import Tensor
+
+from .data.contract import Sample
+from .data.episodes import to_byte_range
+from .modeling.generator import SupportEmbedding
+from .modeling.proxy_sam import ProxyPromptSAM
+
+
+def starts(size: int, tile: int, overlap: float) -> list[int]:
+    """Top-left offsets of tiles of side ``tile`` covering ``size`` pixels with at least ``overlap`` (fraction)."""
+    if tile <= 0 or not 0 <= overlap < 1:
+        raise ValueError(f"tile must be > 0 and overlap in [0, 1), got tile={tile}, overlap={overlap}")
+    if size <= tile:
+        return [0]
+    step = max(1, int(tile * (1 - overlap)))
+    n = -(-(size - tile) // step) + 1  # ceil
+    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
+
+
+def tile_pairs(images: Tensor, masks: Tensor, tile: int, overlap: float = 0.25) -> tuple[Tensor, Tensor]:
+    """(K, C, H, W) support images and (K, N, H, W) masks -> (K*T, C, t, t) and (K*T, N, t, t) native tiles
+    (t = min(tile, H or W) per side)."""
+    h, w = images.shape[-2:]
+    th, tw = min(tile, h), min(tile, w)
+    boxes = [(y, x) for y in starts(h, tile, overlap) for x in starts(w, tile, overlap)]
+    xs = torch.cat([images[..., y : y + th, x : x + tw] for y, x in boxes])
+    ms = torch.cat([masks[..., y : y + th, x : x + tw] for y, x in boxes])
+    return xs, ms
+
+
+def tile_samples(samples: Sequence[Sample], tile: int, overlap: float = 0.25) -> list[Sample]:
+    """Each sample cut into native-resolution tiles; a tile's ``source`` keeps its study's (``…#tile:y,x``), so a
+    support never comes from the target's own image."""
+    out = []
+    for s in samples:
+        h, w = s.label.shape
+        th, tw = min(tile, h), min(tile, w)
+        for y in starts(h, tile, overlap):
+            for x in starts(w, tile, overlap):
+                image, label = s.image[:, y : y + th, x : x + tw], s.label[y : y + th, x : x + tw]
+                out.append(Sample(image, label, f"{s.source}#tile:{y},{x}"))
+    return out
+
+
+class NativeTileInferer(Inferer):
+    """A MONAI inferer: overlapping native-resolution tiles of side ``tile`` (MONAI's `sliding_window_inference`,
+    Gaussian blending), each tile no larger than the image (so an image that fits one tile is one pass, unpadded).
+
+    The images are brought to 8 bits once, so that every tile is scaled alike (a per-tile min-max of a CT slice would
+    change the scale from tile to tile); ``network`` receives uint8 tiles. Its ``tile`` also tells the support set to
+    cut its pairs into the same tiles (`SupportSet.encode`).
+    """
+
+    def __init__(self, tile: int, overlap: float = 0.25) -> None:
+        super().__init__()
+        starts(tile, tile, overlap)  # checks both
+        self.tile, self.overlap = tile, overlap
+
+    def __call__(self, inputs: Tensor, network: Callable[[Tensor], Tensor], *args, **kwargs) -> Tensor:
+        """(B, 1 or 3, H, W) images as loaded -> what ``network`` gives per tile, blended: (B, N, H, W)."""
+        x = torch.stack([to_byte_range(i) for i in inputs])  # (B, 3, H, W) in [0, 255]
+        roi = (min(self.tile, x.shape[-2]), min(self.tile, x.shape[-1]))
+
+        def predict(t: Tensor) -> Tensor:
+            return network(t.round().clamp(0, 255).to(torch.uint8), *args, **kwargs)
+
+        return sliding_window_inference(
+            x, roi, sw_batch_size=1, predictor=predict, overlap=self.overlap, mode="gaussian"
+        )
+
+
+def support_tile(inferer: Inferer | None) -> int | None:
+    """The tile side a support set must be cut into to match ``inferer`` (None: whole images)."""
+    return getattr(inferer, "tile", None)
+
+
+@torch.no_grad()
+def segment_tiled(
+    model: ProxyPromptSAM, images: Tensor, support: SupportEmbedding, *, tile: int, overlap: float = 0.25
+) -> Tensor:
+    """(B, 1 or 3, H, W) targets as loaded -> (B, N, H, W) logits, segmented in overlapping native tiles
+    (`NativeTileInferer`) from a support embedding computed once."""
+    return NativeTileInferer(tile, overlap)(images, lambda t: model.segment(t, support))
