@@ -33,29 +33,27 @@ def starts(size: int, tile: int, overlap: float) -> list[int]:
     return [round(i * (size - tile) / (n - 1)) for i in range(n)]
 
 
+def boxes(h: int, w: int, tile: int, overlap: float) -> list[tuple[slice, slice]]:
+    """The (rows, columns) of every tile of an (h, w) image: tiles of side min(tile, h or w), in raster order."""
+    th, tw = min(tile, h), min(tile, w)
+    return [(slice(y, y + th), slice(x, x + tw)) for y in starts(h, tile, overlap) for x in starts(w, tile, overlap)]
+
+
 def tile_pairs(images: Tensor, masks: Tensor, tile: int, overlap: float = 0.25) -> tuple[Tensor, Tensor]:
     """(K, C, H, W) support images and (K, N, H, W) masks -> (K*T, C, t, t) and (K*T, N, t, t) native tiles
     (t = min(tile, H or W) per side)."""
-    h, w = images.shape[-2:]
-    th, tw = min(tile, h), min(tile, w)
-    boxes = [(y, x) for y in starts(h, tile, overlap) for x in starts(w, tile, overlap)]
-    xs = torch.cat([images[..., y : y + th, x : x + tw] for y, x in boxes])
-    ms = torch.cat([masks[..., y : y + th, x : x + tw] for y, x in boxes])
-    return xs, ms
+    tiles = boxes(*images.shape[-2:], tile, overlap)
+    return torch.cat([images[..., r, c] for r, c in tiles]), torch.cat([masks[..., r, c] for r, c in tiles])
 
 
 def tile_samples(samples: Sequence[Sample], tile: int, overlap: float = 0.25) -> list[Sample]:
     """Each sample cut into native-resolution tiles; a tile's ``source`` keeps its study's (``…#tile:y,x``), so a
     support never comes from the target's own image."""
-    out = []
-    for s in samples:
-        h, w = s.label.shape
-        th, tw = min(tile, h), min(tile, w)
-        for y in starts(h, tile, overlap):
-            for x in starts(w, tile, overlap):
-                image, label = s.image[:, y : y + th, x : x + tw], s.label[y : y + th, x : x + tw]
-                out.append(Sample(image, label, f"{s.source}#tile:{y},{x}"))
-    return out
+    return [
+        Sample(s.image[:, r, c], s.label[r, c], f"{s.source}#tile:{r.start},{c.start}")
+        for s in samples
+        for r, c in boxes(*s.label.shape, tile, overlap)
+    ]
 
 
 class NativeTileInferer(Inferer):
