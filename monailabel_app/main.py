@@ -11,16 +11,19 @@ import ipaddress
 import logging
 import os
 import sys
+from pathlib import Path
 
 from fastapi import HTTPException
 from lib.activelearning import LeastConfident
 from lib.configs import ProxyPromptConfig
+from lib.datastore import SafeDatastore
 from lib.infers import SliceSupportInfer, StudySupportInfer
 from lib.trainers import ProxyPromptTrain
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 
 import ppgseg
+from ppgseg.serving import Study
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,19 @@ class ProxyPromptApp(MONAILabelApp):
             labels=dict(self.config.labels),
         )
 
+    def init_datastore(self):
+        """MONAI Label's local datastore with checked ids, tags and labels (`lib/datastore.py`)."""
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return SafeDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            labels=self.config.labels,
+            on_new_image=lambda image_id, path: self.config.service().prefetch(Study(image_id, Path(path))),
+        )
+
     def init_infers(self) -> dict:
         return {
             "proxy_prompt": StudySupportInfer(self.config, self.datastore),
@@ -87,5 +103,9 @@ class ProxyPromptApp(MONAILabelApp):
         return super().infer(request, datastore)
 
     def on_init_complete(self) -> None:
+        from lib import routes
+        from monailabel.app import app as server  # the running server (this runs inside its start-up)
+
         check_bind_address(bind_address(sys.argv), settings.MONAI_LABEL_AUTH_ENABLE)
+        routes.install(server)
         super().on_init_complete()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -24,15 +26,17 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import Tensor
 
+from .backbones.base import Features
 from .checkpoint import load_ppg, save_ppg, trainable_state
 from .data.contract import Sample, load_samples
 from .data.episodes import to_byte_range
 from .modeling.generator import SupportEmbedding
 from .modeling.proxy_sam import ProxyPromptSAM
 from .modeling.proxy_sam2_video import ProxyPromptVideo, VideoSupport
+from .tiling import NativeTileInferer, tile_samples
 from .training import EpisodeBank, EpisodeNet, make_optimizer, train_episodes
 from .video_workflows import label_clip, video_support
-from .workflows import as_slices, encode_samples, read_image, segment_image
+from .workflows import as_slices, encode_samples, encode_slices, read_image, segment_image
 
 logger = logging.getLogger("ppgseg")
 
@@ -62,6 +66,7 @@ class Support:
     same_study: bool = False
     sources: list[str] = field(default_factory=list)
     stamps: list[str] = field(default_factory=list)  # of the labelled studies it comes from
+    drawn: bool = False  # slices the user drew in the study being segmented
 
 
 def digest(*parts) -> str:
@@ -73,6 +78,45 @@ def sample_slices(n: int, count: int = 3) -> list[int]:
     return sorted({min(n - 1, int(n * (i + 1) / (count + 1))) for i in range(count)})
 
 
+class EncodingCache:
+    """Encoder features of whole studies, one file per study version in ``folder``, at most ``max_bytes`` in all
+    (the least recently used go first). Files are written whole (a temporary file, then renamed)."""
+
+    def __init__(self, folder: str | Path, max_bytes: int) -> None:
+        self.folder, self.max_bytes = Path(folder), int(max_bytes)
+        self._lock = threading.Lock()
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.pt"
+
+    def get(self, key: str) -> Features | None:
+        path = self.path(key)
+        with self._lock:
+            try:
+                data = torch.load(path, weights_only=True)
+                os.utime(path)  # recently used
+            except (OSError, RuntimeError, EOFError):  # absent, evicted meanwhile, or unreadable: encode again
+                return None
+        return Features(data["embed"], tuple(data["high_res"]))
+
+    def put(self, key: str, features: Features) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path(key).with_suffix(".tmp")
+        torch.save({"embed": features.embed, "high_res": list(features.high_res)}, tmp)
+        with self._lock:
+            tmp.replace(self.path(key))
+            files = sorted(self.folder.glob("*.pt"), key=lambda p: p.stat().st_mtime_ns)
+            total = sum(p.stat().st_size for p in files)
+            for old in files:
+                if total <= self.max_bytes or old == self.path(key):
+                    break
+                total -= old.stat().st_size
+                old.unlink()
+
+    def __contains__(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+
 class ProxyPromptService:
     """Segments studies from support sets with one ProxyPromptSAM.
 
@@ -82,12 +126,20 @@ class ProxyPromptService:
         cache_dir: where study feature vectors and on-the-fly fine-tuned weights are kept across restarts.
         axis: slicing axis of volumes.
         support_slices: slices taken from each labelled support volume (evenly spaced among those with an object).
-        finetune_seconds: time bound of an on-the-fly fine-tune (0: never fine-tune).
+        finetune_seconds: time bound of an on-the-fly fine-tune on other studies' labels (0: never fine-tune).
+        finetune_drawn_seconds: the same for slices drawn in the study being segmented (0, the default: the user
+            waits for that answer, and a fine-tune on a handful of slices has lowered Dice on generated studies).
         finetune_lr: its learning rate (the paper's SGD otherwise; at the paper's 0.01 a minute on nine CT slices
             collapsed the bundle's default weights to empty masks). A fine-tune that does not lower the loss of
             fixed episodes of the support is discarded.
         trained_on: stamps of the studies the base weights were trained on; a support set made only of those is
             used without fine-tuning.
+        tile: segment images larger than the encoder input in overlapping native-resolution tiles of this side
+            (`tiling.NativeTileInferer`; support pairs and fine-tune episodes cut into the same tiles); None: one
+            down-scaled pass per image or slice.
+        encode_cache_bytes: disk space for encoder features of whole studies (`study_features`, kept in
+            ``cache_dir/features``); 0 turns it off. Only where the image encoder is frozen (its features do not
+            depend on what trains) and not in video mode.
     """
 
     def __init__(
@@ -99,26 +151,39 @@ class ProxyPromptService:
         axis: int = 2,
         support_slices: int = 3,
         finetune_seconds: float = 60.0,
+        finetune_drawn_seconds: float = 0.0,
         finetune_lr: float = 0.002,
         trained_on: Sequence[str] = (),
         seed: int = 0,
         memory: int = 8,
+        tile: int | None = None,
+        encode_cache_bytes: int = 4 * 2**30,
     ) -> None:
         if not 0 <= axis <= 2:
             raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
         if support_slices < 1:
             raise ValueError(f"support_slices must be >= 1, got {support_slices}")
-        if finetune_seconds < 0:
-            raise ValueError(f"finetune_seconds must be >= 0, got {finetune_seconds}")
+        if finetune_seconds < 0 or finetune_drawn_seconds < 0:
+            raise ValueError(f"finetune seconds must be >= 0, got {finetune_seconds}, {finetune_drawn_seconds}")
         self.model = model.eval()
         self.cache_dir = Path(cache_dir)
         self.axis, self.support_slices, self.finetune_seconds = axis, support_slices, float(finetune_seconds)
+        self.finetune_drawn_seconds = float(finetune_drawn_seconds)
         self.seed, self.memory, self.finetune_lr = seed, memory, finetune_lr
         self.lock = threading.RLock()
         self._vectors: dict[str, Tensor] = self._load_vectors()
         self._shows: dict[str, set[int]] = {}
         self._states: OrderedDict[str, tuple[dict, str]] = OrderedDict()  # weights key -> (state, description)
         self._embeddings: OrderedDict[str, SupportEmbedding] = OrderedDict()  # weights key + support key
+        self.inferer = NativeTileInferer(tile) if tile else None
+        if tile and self.video:
+            raise ValueError("tile: SAM 2's video mode propagates whole slices; leave tile unset")
+        self.features = None
+        if encode_cache_bytes > 0 and not self.video and not model.encoder_trains and not tile:
+            self.features = EncodingCache(self.cache_dir / "features", encode_cache_bytes)
+        self._encoding: dict[str, threading.Lock] = {}  # study key -> held while that study is being encoded
+        self._queue: queue.Queue[Study] = queue.Queue()
+        self._worker: threading.Thread | None = None
         self.set_weights(weights, trained_on)
 
     @property
@@ -144,10 +209,11 @@ class ProxyPromptService:
         support study or fine-tuning is off, else the base fine-tuned on the support pairs (cached in memory and on
         disk). Returns the weights key, their description and the fine-tune's bank (None when nothing was trained)."""
         known = bool(support.stamps) and set(support.stamps) <= self.trained_on
-        if self.finetune_seconds == 0 or known or self.video:  # the fine-tune trains image episodes only
+        bound = self.finetune_drawn_seconds if support.drawn else self.finetune_seconds
+        if bound == 0 or known or self.video:  # the fine-tune trains image episodes only
             self._load(self.base)
             return self.base_key, self.base_description, None
-        key = digest(self.base_key, support.key, self.finetune_seconds, self.finetune_lr, self.seed)
+        key = digest(self.base_key, support.key, bound, self.finetune_lr, self.seed)
         if key in self._states:
             state, description = self._states[key]
             self._states.move_to_end(key)
@@ -164,7 +230,7 @@ class ProxyPromptService:
         start = time.monotonic()
         torch.manual_seed(self.seed)
         bank = EpisodeBank(
-            self.model, support.samples, support.label_ids, views=2, seed=self.seed, same_study=support.same_study
+            self.model, self.pairs(support), support.label_ids, views=2, seed=self.seed, same_study=support.same_study
         )
         k = max(1, min(4, len(support.samples) - 1))
         checks = [bank.draw(np.random.default_rng([self.seed, i]), k) for i in range(8)]
@@ -177,7 +243,7 @@ class ProxyPromptService:
             steps=10_000,
             num_support=k,
             seed=self.seed,
-            until=start + self.finetune_seconds - check_seconds,
+            until=start + bound - check_seconds,
             optimizer=make_optimizer(self.model, lr=self.finetune_lr),
         )
         after = self._check_loss(bank, checks)
@@ -195,6 +261,10 @@ class ProxyPromptService:
         path.with_suffix(".json").write_text(json.dumps({"weights": description, "sources": support.sources}))
         self._remember(key, description)
         return key, description, bank
+
+    def pairs(self, support: Support) -> list[Sample]:
+        """The support's pairs as the model sees them: whole, or cut into the tiles the targets are cut into."""
+        return tile_samples(support.samples, self.inferer.tile) if self.inferer else support.samples
 
     def _check_loss(self, bank: EpisodeBank, episodes: list[dict]) -> float:
         """Mean Dice loss of fixed episodes of the fine-tune's bank (no gradient, eval mode)."""
@@ -224,14 +294,14 @@ class ProxyPromptService:
             self._embeddings.move_to_end(full)
         elif self.video:  # SAM 2's conditioning memories of the support slices and the PPG embedding
             embedding = video_support(self.model, support)
-        elif bank is not None:  # the fine-tune's view 0 is the support as read, already in the encoder's frame
+        elif bank is not None and self.inferer is None:  # the fine-tune's view 0: the support as read, encoded
             index = list(range(len(bank)))
             with torch.no_grad():
                 embedding = self.model.encode_prepared_support(
                     bank.x[0], bank.masks[0], bank.features(self.model, 0, index)
                 )
         else:
-            embedding = encode_samples(self.model, support.samples, support.label_ids)
+            embedding = encode_samples(self.model, self.pairs(support), support.label_ids)
         if not cached:
             self._keep(self._embeddings, full, embedding)
         info = {
@@ -272,7 +342,53 @@ class ProxyPromptService:
         if not samples:
             raise ValueError(f"no slice of the uploaded label shows label id(s) {ids}: label at least one slice")
         key = digest(name, hashlib.sha1(label.numpy().tobytes()).hexdigest(), ids, self.axis)
-        return Support(samples, ids, key, same_study=True, sources=[s.source for s in samples])
+        return Support(samples, ids, key, same_study=True, sources=[s.source for s in samples], drawn=True)
+
+    # --- encoding ahead of need ----------------------------------------------------------------------------------
+    def features_key(self, study: Study) -> str:
+        return digest("features/1", self.model.config, self.axis, Study(study.id, study.image).stamp())
+
+    def study_features(self, study: Study, image: Tensor | None = None) -> Features | None:
+        """The encoder's features of every slice of a volume study, from the disk cache or computed now (and kept);
+        None for 2D images or when the cache is off. Encoding holds the model's lock one slice at a time, so other
+        requests are served in between; a study being encoded by one thread is waited for, not encoded twice."""
+        if self.features is None:
+            return None
+        key = self.features_key(study)
+        with self.lock:
+            busy = self._encoding.setdefault(key, threading.Lock())
+        with busy:
+            found = self.features.get(key)
+            if found is not None:
+                return found
+            image = read_image(study.image) if image is None else image
+            if image.dim() != 4:
+                return None
+            start = time.monotonic()
+            found = encode_slices(self.model, image, self.axis, lock=self.lock)
+            self.features.put(key, found)
+            logger.info(f"encoded {study.id} ({len(found.embed)} slices) in {time.monotonic() - start:.0f} s")
+            return found
+
+    def prefetch(self, study: Study) -> None:
+        """Encode ``study`` in the background (`study_features`), after the studies already asked for."""
+        if self.features is None or self.features_key(study) in self.features:
+            return
+        self._queue.put(study)
+        with self.lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._prefetch_loop, name="ppgseg-prefetch", daemon=True)
+                self._worker.start()
+
+    def _prefetch_loop(self) -> None:
+        while True:
+            study = self._queue.get()
+            try:
+                self.study_features(study)
+            except Exception as err:  # a bad study must not stop the worker; its request will report it
+                logger.warning(f"could not encode {study.id} ahead of need: {err}")
+            finally:
+                self._queue.task_done()
 
     # --- similarity ----------------------------------------------------------------------------------------------
     def vector(self, study: Study, image: Tensor | None = None) -> Tensor:
@@ -318,16 +434,29 @@ class ProxyPromptService:
         tmp.replace(self.cache_dir / "vectors.pt")
 
     # --- segmentation --------------------------------------------------------------------------------------------
-    def segment(self, image: Tensor, support: Support, *, skip: Sequence[int] = ()) -> tuple[Tensor, dict]:
-        """Label map of a 2D image or volume (C, *spatial) from ``support``; slices in ``skip`` are left 0."""
+    def segment(
+        self, image: Tensor, support: Support, *, skip: Sequence[int] = (), study: Study | None = None
+    ) -> tuple[Tensor, dict]:
+        """Label map of a 2D image or volume (C, *spatial) from ``support``; slices in ``skip`` are left 0. ``study``:
+        the datastore study ``image`` was read from, whose encoder features are then cached (`study_features`)."""
+        start = time.monotonic()
+        features = None
+        if study is not None and image.dim() == 4:
+            cached = self.features is not None and self.features_key(study) in self.features
+            features = self.study_features(study, image)
         with self.lock:
             embedding, info = self.prepare(support)
+            if features is not None:
+                info["study_encoding"] = "cached" if cached else f"encoded now ({time.monotonic() - start:.1f} s)"
             start = time.monotonic()
             if self.video and image.dim() == 4:
                 label = self._propagate(image, embedding, support.label_ids, skip)
                 info["propagation"] = "SAM 2 memory, both ways from the middle slice"
             else:
-                label = segment_image(self.model, image, embedding, support.label_ids, axis=self.axis, skip=skip)
+                label = segment_image(
+                    self.model, image, embedding, support.label_ids, axis=self.axis, skip=skip, features=features,
+                    inferer=self.inferer,
+                )  # fmt: skip
             info["segment_seconds"] = round(time.monotonic() - start, 2)
         return label, info
 

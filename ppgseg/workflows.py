@@ -4,6 +4,7 @@ input's size and geometry."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .backbones.base import Features
 from .checkpoint import save_ppg
 from .data.contract import Sample, load_samples, read_labels, read_split
 from .data.episodes import subject_of, to_byte_range
@@ -396,12 +398,14 @@ def segment_image(
     chunk: int = 8,
     skip: Sequence[int] = (),
     inferer: Inferer | None = None,
+    features: Features | None = None,
 ) -> Tensor:
     """Label map (spatial shape of ``image``, uint8 label ids) of a 2D image or a 3D volume (C, *spatial) as read.
 
     2D images are segmented in file orientation (readers give (W, H)), as training sees them; volumes slice by slice
     along ``axis``, the support encoded once. Slices in ``skip`` are left 0 (the caller fills them). ``inferer``: see
-    `label_slices`."""
+    `label_slices`. ``features``: the encoder's features of every slice of a volume (`encode_slices`), computed
+    earlier; then only the PPG and the decoder run."""
     spatial = image.shape[1:]
     if len(spatial) == 2:
         return label_slices(model, as_slices(image, axis), embedding, label_ids, chunk=chunk, inferer=inferer)[0].T
@@ -410,11 +414,29 @@ def segment_image(
     if not 0 <= axis <= 2:
         raise ValueError(f"axis must be 0, 1 or 2 for a volume, got {axis}")
     slices = as_slices(image, axis)  # (Z, C, a, b)
+    if features is not None and features.embed.shape[0] != len(slices):
+        raise ValueError(f"features of {features.embed.shape[0]} slices for a volume of {len(slices)} slices")
     todo = [z for z in range(len(slices)) if z not in set(skip)]
     out = torch.zeros((len(slices), *slices.shape[2:]), dtype=torch.uint8)
     if todo:
-        out[todo] = label_slices(model, slices[todo], embedding, label_ids, chunk=chunk, inferer=inferer)
+        out[todo] = label_slices(
+            model, slices[todo], embedding, label_ids, chunk=chunk, inferer=inferer,
+            features=None if features is None else features.select(todo),
+        )  # fmt: skip
     return out.movedim(0, axis)
+
+
+def encode_slices(model: ProxyPromptSAM, image: Tensor, axis: int, lock=None) -> Features:
+    """The encoder's features of every slice of a volume (C, *spatial) along ``axis``, as `segment_image` would
+    compute them, on the CPU. ``lock`` (e.g. a service's) is held for each slice only, so others can use the model in
+    between."""
+    parts = []
+    for s in as_slices(image, axis):
+        x, _ = model.backbone.preprocess(to_byte_range(s)[None])
+        with lock or contextlib.nullcontext():
+            f = model.encode_images(x)
+        parts.append(Features(f.embed.cpu(), tuple(h.cpu() for h in f.high_res)))
+    return Features.cat(parts)
 
 
 def as_slices(image: Tensor, axis: int) -> Tensor:
@@ -434,16 +456,26 @@ def label_slices(
     *,
     chunk: int = 8,
     inferer: Inferer | None = None,
+    features: Features | None = None,
 ) -> Tensor:
     """(Z, C, H, W) -> (Z, H, W) label map: at each pixel the label id of the most confident object with a positive
     logit, 0 where none is. ``inferer`` runs the model (MONAI's `SimpleInferer` by default; `NativeTileInferer`
-    for native-resolution tiles)."""
+    for native-resolution tiles). ``features``: the slices' encoder features, computed earlier (one pass only)."""
+    if features is not None and inferer is not None:
+        raise ValueError("features computed earlier serve one pass over each slice, not an inferer's tiles")
     inferer = inferer or SimpleInferer()
+    geo = model.backbone.geometry(tuple(slices.shape[-2:]))
+    device = model.backbone.device
     out = []
     for start in range(0, len(slices), chunk):
         part = torch.stack([to_byte_range(s) for s in slices[start : start + chunk]])
         with torch.no_grad():
-            logits = inferer(part, lambda x: model.segment(x, embedding))
+            if features is None:
+                logits = inferer(part, lambda x: model.segment(x, embedding))
+            else:
+                f = features.select(slice(start, start + chunk))
+                f = Features(f.embed.to(device), tuple(h.to(device) for h in f.high_res))
+                logits = model.backbone.postprocess(model.segment_features(f, embedding), geo)
             out.append(to_label(logits.cpu(), label_ids))  # (z, N, H, W) logits
     return torch.cat(out)
 

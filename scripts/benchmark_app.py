@@ -1,10 +1,15 @@
-"""End-to-end latency of the MONAI Label app over HTTP for one generated CT-like study, against the backbone with a
+"""End-to-end latency of the MONAI Label app over HTTP for generated CT-like studies, against the backbone with a
 box prompt on the same slices, measured in one run on this machine.
 
 Starts `monailabel start_server` on a free loopback port with the embedded default (LiteMedSAM, `cpu` preset,
-bundle default weights), asks `proxy_prompt` for the study twice (the first request chooses the support by
-similarity, fine-tunes on the fly and encodes the support; the second reuses all of it), then times LiteMedSAM with
-one box per slice on the same slices in this process while the server idles.
+bundle default weights) and asks, as 3D Slicer would:
+1. `proxy_prompt` for a study, cold: support chosen by similarity, fine-tuned on the fly, support and study encoded;
+2. the same again: everything cached;
+3. a new study uploaded to the datastore (`PUT /datastore/image`), which the app encodes in the background, then
+   `proxy_prompt` on it with the same support set: only the PPG and the mask decoder run;
+4. Scribbles `proxy_prompt_slices` on the study of (1) with the liver corrected on two slices, as Slicer uploads it
+   (every segment, `label_info`, `selected_label_name`).
+Then times LiteMedSAM with one box per slice on the same slices in this process while the server idles.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from ppgseg.backbones import build_litemedsam
 from ppgseg.data.demo import write_studies
 
 ROOT = Path(__file__).resolve().parents[1]
+LABELS = {"liver": 1, "spleen": 2, "kidney": 3}  # the generated studies' dataset.json
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -47,12 +53,16 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="ppgseg_bench_"))
     studies = write_studies(
-        work / "studies", n_studies=args.labelled + 1, n_labelled=args.labelled + 1,
+        work / "studies", n_studies=args.labelled + 2, n_labelled=args.labelled + 2,
         shape=(args.size, args.size, args.slices), seed=5,
     )  # fmt: skip
-    target = f"ct_{args.labelled:03d}"
-    truth = np.asarray(nib.load(studies / "labels" / "final" / f"{target}.nii.gz").dataobj)
-    (studies / "labels" / "final" / f"{target}.nii.gz").unlink()  # the study to segment has no label
+    target, new = f"ct_{args.labelled:03d}", f"ct_{args.labelled + 1:03d}"
+    truths = {}
+    for t in (target, new):  # the studies to segment have no label
+        truths[t] = np.asarray(nib.load(studies / "labels" / "final" / f"{t}.nii.gz").dataobj)
+        (studies / "labels" / "final" / f"{t}.nii.gz").unlink()
+    upload = work / f"{new}.nii.gz"
+    shutil.move(studies / f"{new}.nii.gz", upload)  # arrives while the server runs
     app = work / "app"
     shutil.copytree(ROOT / "monailabel_app", app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
     with socket.socket() as s:
@@ -74,18 +84,56 @@ def main() -> None:
                 time.sleep(0.5)
         print(f"{args.slices} slices of {args.size}x{args.size}, {args.labelled} labelled studies, torch threads "
               f"{torch.get_num_threads()}; server log {work / 'server.log'}")  # fmt: skip
-        runs = []
-        for name in ("first request", "second request"):
+
+        def infer(image: str, params: dict, name: str, label: bytes | None = None) -> tuple[np.ndarray, dict]:
+            files = {"params": (None, json.dumps(params))}
+            if label is not None:
+                files["label"] = ("label.nii.gz", label)
+            model = "proxy_prompt_slices" if label is not None else "proxy_prompt"
             start = time.perf_counter()
-            resp = requests.post(f"{url}/infer/proxy_prompt", params={"image": target, "output": "all"}, timeout=3600)
+            resp = requests.post(
+                f"{url}/infer/{model}", params={"image": image, "output": "all"}, files=files, timeout=3600
+            )
             seconds = time.perf_counter() - start
             resp.raise_for_status()
             parts = MultipartDecoder(resp.content, resp.headers["content-type"]).parts
             params = json.loads(next(p for p in parts if b'name="params"' in p.headers[b"Content-Disposition"]).content)
             data = next(p for p in parts if b'name="image"' in p.headers[b"Content-Disposition"]).content
-            label = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(data)).dataobj)
-            scores = {n: dice(label == v, truth == v) for n, v in params["label_names"].items()}
+            out = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(data)).dataobj)
+            ids = {n: LABELS[n] for n in params["label_names"]}  # the answer's values are 1..N in its names' order
+            scores = {n: dice(out == v, truths[image] == ids[n]) for n, v in params["label_names"].items()}
             runs.append((name, seconds, params, scores))
+            return out, params
+
+        runs = []
+        first, params = infer(target, {}, "1. cold: new support set, study not encoded")
+        infer(target, {}, "2. same study again")
+        with open(upload, "rb") as f:
+            requests.put(
+                f"{url}/datastore/image", params={"image": new}, files={"file": (upload.name, f)}
+            ).raise_for_status()
+        features = app / "model" / "cache" / "features"
+        waited = time.perf_counter()
+        while len(list(features.glob("*.pt"))) < 2 and time.perf_counter() - waited < 1800:
+            time.sleep(1)
+        print(f"{new} uploaded and encoded in the background in {time.perf_counter() - waited:.0f} s")
+        support = ",".join(params["support_ids"])
+        infer(new, {"support_ids": support}, "3. new study, encoded in the background, same support set")
+        # Slicer shows (1); the user redraws the liver on two slices and presses Update with liver selected
+        names = [n for n, _ in sorted(params["label_names"].items(), key=lambda kv: kv[1])]
+        segments = [(n, first == i + 1) for i, n in enumerate(names)]
+        liver = dict(segments)["liver"].copy()
+        for z in (args.slices // 3, 2 * args.slices // 3):
+            liver[..., z] = truths[target][..., z] == LABELS["liver"]
+        segments = [(n, liver if n == "liver" else m & ~liver) for n, m in segments]
+        export = np.zeros(first.shape, np.uint8)
+        for i, (_, m) in enumerate(segments):
+            export[m] = i + 1
+        affine = nib.load(studies / f"{target}.nii.gz").affine
+        scribbles = gzip.compress(nib.Nifti1Image(export, affine).to_bytes())
+        info = [{"name": n, "id": i + 1} for i, (n, _) in enumerate(segments)]
+        infer(target, {"label_info": info, "selected_label_name": "liver"}, "4. Scribbles: liver corrected on 2 slices",
+              scribbles)  # fmt: skip
     finally:
         server.terminate()
         server.wait(60)
@@ -103,9 +151,9 @@ def main() -> None:
     for name, seconds, params, scores in runs:
         dices = ", ".join(f"{n} {d:.3f}" for n, d in scores.items())
         print(f"{name}: {seconds:.1f} s = {seconds / box:.2f}x backbone-with-box; support cached "
-              f"{params['support_cached']}; prepare {params['prepare_seconds']} s, segment "
-              f"{params['segment_seconds']} s; Dice {dices}")  # fmt: skip
-        print(f"  weights: {params['weights']}; support {params['support_ids']}")
+              f"{params['support_cached']}, study encoding {params.get('study_encoding', '-')}; prepare "
+              f"{params['prepare_seconds']} s, segment {params['segment_seconds']} s; Dice {dices}")  # fmt: skip
+        print(f"  weights: {params['weights']}; support {params.get('support_ids', params.get('drawn_slices'))}")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -54,8 +54,8 @@ def copy_app(tmp: Path) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("monailabel")
-    studies = write_studies(tmp / "studies", n_studies=12, n_labelled=4, shape=(48, 48, 10), seed=1)
-    truth = write_studies(tmp / "truth", n_studies=12, n_labelled=12, shape=(48, 48, 10), seed=1)
+    studies = write_studies(tmp / "studies", n_studies=14, n_labelled=4, shape=(48, 48, 10), seed=1)
+    truth = write_studies(tmp / "truth", n_studies=14, n_labelled=14, shape=(48, 48, 10), seed=1)
     app, port = copy_app(tmp), free_port()
     conf = [x for k, v in CONF.items() for x in ("--conf", k, v)]
     cmd = [Path(sys.executable).with_name("monailabel"), "start_server", "--app", app, "--studies", studies]
@@ -100,6 +100,57 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     return gzip.compress(nib.Nifti1Image(array.astype(np.uint8), affine).to_bytes())
 
 
+# --- 3D Slicer's MONAILabel module (0.8.5), emulated: how it exports segments and loads answers -----------------------
+def slicer_export(segments: list[tuple[str, np.ndarray]], affine: np.ndarray) -> tuple[bytes, list[dict]]:
+    """Scribbles' Update: every segment in one labelmap, value = position + 1 (a later segment wins where they
+    overlap), and ``label_info`` naming them."""
+    out = np.zeros(segments[0][1].shape, np.uint8)
+    for i, (_, mask) in enumerate(segments):
+        out[mask.astype(bool)] = i + 1
+    return nifti_bytes(out, affine), [{"name": n, "id": i + 1} for i, (n, _) in enumerate(segments)]
+
+
+def slicer_submit(segments: list[tuple[str, np.ndarray]], affine: np.ndarray) -> tuple[bytes, list[dict]]:
+    """Submit Label: the segments less background and the scribble layers, value = position among those + 1."""
+    kept = [(n, m) for n, m in segments if n not in ("background", "foreground_scribbles", "background_scribbles")]
+    data, _ = slicer_export(kept, affine)
+    return data, [{"name": n, "idx": i + 1} for i, (n, _) in enumerate(kept)]
+
+
+def slicer_import(label: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    """How the module loads an answer: value i + 1 into the i-th name (Scribbles: [selected_label_name])."""
+    return {n: label == i + 1 for i, n in enumerate(names)}
+
+
+def auto_names(params: dict) -> list[str]:
+    """Auto Segmentation's names: ``label_names`` sorted by value."""
+    return [n for n, _ in sorted(params["label_names"].items(), key=lambda kv: kv[1])]
+
+
+def study(server, image_id: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The true masks per label name of a study, and its affine."""
+    truth = np.asarray(nib.load(server["truth"] / "labels" / "final" / f"{image_id}.nii.gz").dataobj)
+    return {n: truth == v for n, v in LABELS.items()}, nib.load(server["studies"] / f"{image_id}.nii.gz").affine
+
+
+def two_slices(mask: np.ndarray) -> list[int]:
+    """Two slices that show the object (at a third and two thirds of those that do)."""
+    shown = [z for z in range(mask.shape[-1]) if mask[..., z].any()]
+    return [shown[len(shown) // 3], shown[2 * len(shown) // 3]]
+
+
+def on_slices(mask: np.ndarray, slices: list[int]) -> np.ndarray:
+    out = np.zeros_like(mask)
+    out[..., slices] = mask[..., slices]
+    return out
+
+
+def scribbles(server, image_id: str, segments, selected: str):
+    data, info = slicer_export(segments, study(server, image_id)[1])
+    params = {"label_info": info, "selected_label_name": selected}
+    return infer(server, "proxy_prompt_slices", image_id, params, data)
+
+
 def test_info_lists_tasks_and_labels(server):
     info = requests.get(f"{server['url']}/info/").json()
     assert set(info["models"]) == {"proxy_prompt", "proxy_prompt_slices"}
@@ -108,7 +159,7 @@ def test_info_lists_tasks_and_labels(server):
     assert set(info["trainers"]) == {"proxy_prompt"} and set(info["strategies"]) == {"least_confident"}
     assert info["labels"] == LABELS
     store = requests.get(f"{server['url']}/datastore/", params={"output": "stats"}).json()
-    assert store["total"] == 12 and store["completed"] == 4
+    assert store["total"] == 14 and store["completed"] == 4
 
 
 def test_auto_segmentation_from_similar_labelled_studies(server):
@@ -238,6 +289,7 @@ def test_train_task_runs_through_the_bundle_and_infer_picks_up_its_weights(serve
     assert status["status"] == "DONE", status
     stats = requests.get(f"{server['url']}/info/").json()["train_stats"]["proxy_prompt"]
     assert stats["epoch"] == 1 and 0 <= stats["best_metric"] <= 1
+    assert "total_time" in stats  # Slicer's panel reads it as "finished": only at the end
     params, _, _ = result(infer(server, "proxy_prompt", "ct_005"))
     assert params["weights"].startswith("trained in this app")
 
@@ -289,3 +341,204 @@ def test_2d_images_are_segmented_in_their_own_format_and_size(tmp_path, app_code
     assert set(np.unique(written).tolist()) <= {0, 1, 2}
     assert out["params"]["label_names"] == {"optic_disc": 1, "optic_cup": 2}
     assert sorted(out["params"]["support_ids"]) == ["fundus_000", "fundus_001"]
+    # native-resolution tiles (--conf tile): the support cut into the same tiles, the answer at the image's size
+    tiled = ProxyPromptApp(str(copy_app(tmp_path / "tiled")), str(studies), {**conf, "tile": "128"})
+    assert tiled.config.service().inferer.tile == 128
+    out = tiled.infer({"model": "proxy_prompt", "image": "fundus_002", "labels": "optic_disc,optic_cup"})
+    written = np.asarray(Image.open(out["file"]))
+    assert written.shape == (256, 256) and set(np.unique(written).tolist()) <= {0, 1, 2}
+
+
+def test_scribbles_update_the_selected_segment_from_slicer_export(server):
+    """On studies the app has returned nothing for yet: every slice that shows the object counts as drawn."""
+    truth, _ = study(server, "ct_012")
+    zs = two_slices(truth["spleen"])
+    # only spleen drawn, spleen selected; the empty segments stay in the export
+    segments = [(n, on_slices(truth[n], zs) if n == "spleen" else np.zeros_like(truth[n])) for n in LABELS]
+    params, label, _ = result(scribbles(server, "ct_012", segments, "spleen"))
+    spleen = slicer_import(label, ["spleen"])["spleen"]
+    assert params["label_names"] == {"spleen": 1} and params["drawn_slices"] == zs
+    assert np.array_equal(spleen[..., zs], truth["spleen"][..., zs])
+    # all three drawn, kidney (the third segment, value 3 in the export) selected: kidney gets kidney
+    truth, _ = study(server, "ct_013")
+    zs = two_slices(truth["kidney"])
+    segments = [(n, on_slices(truth[n], zs)) for n in LABELS]
+    params, label, _ = result(scribbles(server, "ct_013", segments, "kidney"))
+    kidney = slicer_import(label, ["kidney"])["kidney"]
+    assert params["drawn_slices"] == zs
+    assert np.array_equal(kidney[..., zs], truth["kidney"][..., zs])
+    assert not kidney[..., zs][truth["liver"][..., zs]].any()
+
+
+def test_scribble_layers_add_to_and_erase_from_the_selected_object(server):
+    truth, _ = study(server, "ct_003")
+    z1, z2 = two_slices(truth["liver"])
+    liver = on_slices(truth["liver"], [z1])
+    fg = on_slices(truth["liver"], [z2])  # painted with the panel's foreground layer on another slice
+    bg = np.zeros_like(liver)
+    ys, xs = np.nonzero(liver[..., z1])
+    bg[ys[:5], xs[:5], z1] = True  # background scribbles over a few drawn liver voxels
+    segments = [("liver", liver), ("spleen", np.zeros_like(liver)), ("kidney", np.zeros_like(liver))]
+    segments += [("background_scribbles", bg), ("foreground_scribbles", fg)]
+    params, label, _ = result(scribbles(server, "ct_003", segments, "liver"))
+    got = slicer_import(label, ["liver"])["liver"]
+    assert params["drawn_slices"] == [z1, z2]
+    assert np.array_equal(got[..., z2], truth["liver"][..., z2]) and not got[bg].any()
+    assert np.array_equal(got[..., z1], liver[..., z1] & ~bg[..., z1])
+
+
+def test_options_labels_subset_comes_back_in_label_names_order(server):
+    params, label, _ = result(infer(server, "proxy_prompt", "ct_007", {"labels": "spleen"}))
+    assert params["label_names"] == {"spleen": 1} and set(np.unique(label).tolist()) <= {0, 1}
+    params, label, _ = result(infer(server, "proxy_prompt", "ct_007", {"labels": "kidney,liver"}))
+    assert auto_names(params) == ["kidney", "liver"] and set(np.unique(label).tolist()) <= {0, 1, 2}
+
+
+def test_correcting_an_automatic_result_propagates_the_correction(server):
+    truth, _ = study(server, "ct_010")
+    params, label, _ = result(infer(server, "proxy_prompt", "ct_010", {"support_ids": "ct_000,ct_001"}))
+    segments = slicer_import(label, auto_names(params))  # what Slicer now shows: the result on every slice
+    unchanged = scribbles(server, "ct_010", list(segments.items()), "liver")
+    assert unchanged.status_code == 422 and "nothing drawn or changed" in unchanged.json()["detail"]
+    corrected = {n: m.copy() for n, m in segments.items()}
+    for z in (2, 5):  # the user redraws the liver on two slices; the Segment Editor overwrites other segments there
+        corrected["liver"][..., z] = truth["liver"][..., z]
+        for other in ("spleen", "kidney"):
+            corrected[other][..., z] &= ~truth["liver"][..., z]
+    changed = [z for z in (2, 5) if not np.array_equal(segments["liver"][..., z], truth["liver"][..., z])]
+    assert changed, "the generated study should need a correction"
+    params, label, _ = result(scribbles(server, "ct_010", list(corrected.items()), "liver"))
+    assert params["drawn_slices"] == changed
+    assert params["support_pairs"] == sum(bool(truth["liver"][..., z].any()) for z in changed)
+    got = slicer_import(label, ["liver"])["liver"]
+    assert np.array_equal(got[..., changed], truth["liver"][..., changed])
+
+
+def test_submit_after_deleting_a_segment_stores_the_app_values(server):
+    truth, affine = study(server, "ct_009")
+    data, info = slicer_submit([("liver", truth["liver"]), ("kidney", truth["kidney"])], affine)  # spleen deleted
+    resp = requests.put(
+        f"{server['url']}/datastore/label",
+        params={"image": "ct_009", "tag": "final"},
+        files={"label": ("ct_009.nii.gz", data), "params": (None, json.dumps({"label_info": info}))},
+    )
+    assert resp.status_code == 200, resp.text
+    stored = np.asarray(nib.load(server["studies"] / "labels" / "final" / "ct_009.nii.gz").dataobj)
+    assert np.array_equal(stored == 3, truth["kidney"]) and np.array_equal(stored == 1, truth["liver"])
+    assert not (stored == 2).any()
+    meta = requests.get(f"{server['url']}/datastore/label/info", params={"label": "ct_009", "tag": "final"}).json()
+    assert meta["label_names"] == {"liver": 1, "kidney": 3}
+
+
+def put_label(server, image: str, data: bytes, params: str = "{}", tag: str = "final"):
+    return requests.put(
+        f"{server['url']}/datastore/label",
+        params={"image": image, "tag": tag},
+        files={"label": (f"{image}.nii.gz", data), "params": (None, params)},
+    )
+
+
+@pytest.mark.parametrize(
+    "request_kind, status",
+    [
+        ("label not an image", 415),
+        ("label of another size", 422),
+        ("empty label", 422),
+        ("unknown segment name", 422),
+        ("tag is a path", 400),
+        ("label params not JSON", 400),
+        ("image id is a path", 400),
+        ("image is a server path", 404),
+        ("unknown model", 404),
+        ("infer params not JSON", 400),
+        ("scribbles without selected segment", 400),
+    ],
+)
+def test_bad_requests_are_refused_and_nothing_breaks(server, request_kind, status):
+    truth, affine = study(server, "ct_000")
+    before = (server["studies"] / "labels" / "final" / "ct_000.nii.gz").read_bytes()
+    label = nifti_bytes(truth["liver"].astype(np.uint8), affine)
+    outside = server["tmp"] / "outside.nii.gz"
+    shutil.copy(server["studies"] / "ct_005.nii.gz", outside)
+    url = server["url"]
+    send = {
+        "label not an image": lambda: put_label(server, "ct_000", b"not an image"),
+        "label of another size": lambda: put_label(server, "ct_000", nifti_bytes(np.ones((8, 8, 4)), affine)),
+        "empty label": lambda: put_label(server, "ct_000", nifti_bytes(np.zeros(truth["liver"].shape), affine)),
+        "unknown segment name": lambda: put_label(
+            server, "ct_000", label, json.dumps({"label_info": [{"name": "brain", "idx": 1}]})
+        ),
+        "tag is a path": lambda: put_label(server, "ct_000", label, tag="../../x"),
+        "label params not JSON": lambda: put_label(server, "ct_000", label, "{not json"),
+        "image id is a path": lambda: requests.put(
+            f"{url}/datastore/", params={"image": "../../x"}, files={"file": ("x.nii.gz", outside.read_bytes())}
+        ),
+        "image is a server path": lambda: infer(server, "proxy_prompt", str(outside)),
+        "unknown model": lambda: infer(server, "no_such_model", "ct_005"),
+        "infer params not JSON": lambda: requests.post(
+            f"{url}/infer/proxy_prompt", params={"image": "ct_005"}, files={"params": (None, "{oops")}
+        ),
+        "scribbles without selected segment": lambda: infer(
+            server, "proxy_prompt_slices", "ct_005", {"label_info": [{"name": "liver", "id": 1}]}, label
+        ),
+    }
+    resp = send[request_kind]()
+    assert resp.status_code == status, resp.text
+    assert resp.json()["detail"]
+    assert (server["studies"] / "labels" / "final" / "ct_000.nii.gz").read_bytes() == before
+    for escaped in ("../../x.nii.gz", "labels/../../x", "../x"):
+        assert not (server["studies"] / escaped).resolve().exists(), escaped
+    assert requests.post(f"{url}/activelearning/least_confident", json={}).status_code == 200
+
+
+def test_a_broken_label_on_disk_is_skipped_and_info_answers_during_an_infer(server):
+    broken = server["studies"] / "labels" / "final" / "ct_007.nii.gz"
+    broken.write_bytes(b"written by hand, not an image")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            # a support set the weights were not trained on: fine-tuned on the fly first (finetune_seconds 2)
+            slow = pool.submit(infer, server, "proxy_prompt", "ct_005", {"support_ids": "ct_009", "labels": "liver"})
+            time.sleep(0.5)
+            info = requests.get(f"{server['url']}/info/", timeout=60)
+            answered_first = not slow.done()
+            params, _, _ = result(slow.result())
+        assert info.ok and answered_first and "fine-tune" in params["weights"]
+        params, _, _ = result(infer(server, "proxy_prompt", "ct_006", {"num_support": 6}))
+        assert "ct_007" not in params["support_ids"]
+    finally:
+        broken.unlink()
+
+
+def test_studies_encoded_ahead_segment_as_encoded_now(tmp_path):
+    """In-process: the encoding cache gives the same labels as encoding on the spot, stays within its bound, and a
+    study added through the datastore is encoded in the background."""
+    import torch
+
+    from ppgseg import build_model
+    from ppgseg.serving import EncodingCache, ProxyPromptService, Study
+    from ppgseg.workflows import encode_slices, read_image
+
+    studies = write_studies(tmp_path / "studies", n_studies=3, n_labelled=2, shape=(40, 40, 6), seed=3)
+    torch.manual_seed(0)
+    model = build_model("sam_tiny", "tiny", lora_sites=("decoder",))  # a frozen encoder, as the cpu preset's
+    service = ProxyPromptService(model, weights="random", cache_dir=tmp_path / "cache", finetune_seconds=0)
+    labelled = [Study(f"ct_00{i}", studies / f"ct_00{i}.nii.gz", studies / "labels" / "final" / f"ct_00{i}.nii.gz")
+                for i in range(2)]  # fmt: skip
+    support = service.study_support(labelled, list(LABELS.values()))
+    target = Study("ct_002", studies / "ct_002.nii.gz")
+    image = read_image(target.image)
+    plain, _ = service.segment(image, support)
+    first, info1 = service.segment(image, support, study=target)
+    again, info2 = service.segment(image, support, study=target, skip=[1])
+    assert info1["study_encoding"].startswith("encoded now") and info2["study_encoding"] == "cached"
+    assert torch.equal(plain, first) and torch.equal(again[..., [0, 2, 3, 4, 5]], plain[..., [0, 2, 3, 4, 5]])
+    assert not again[..., 1].any()
+    one = service.features.path(service.features_key(target)).stat().st_size
+    small = EncodingCache(tmp_path / "small", max_bytes=int(1.5 * one))  # room for one study only
+    for s in labelled:
+        small.put(s.id, encode_slices(model, read_image(s.image), axis=2))
+    assert [p.stem for p in (tmp_path / "small").glob("*.pt")] == ["ct_001"]  # the older one went
+    assert service.features_key(labelled[0]) not in service.features
+    service.prefetch(labelled[0])
+    service._queue.join()
+    assert service.features_key(labelled[0]) in service.features

@@ -47,6 +47,10 @@ class LeastConfident(Strategy):
             if key not in self.scores:
                 self.scores[key] = service.confidence(read_image(study.image), support)
             scores[study.id] = self.scores[key]
-        pick = min(scores, key=scores.get)
+        ranked_pool = sorted(scores, key=scores.get)
+        pick = ranked_pool[0]
         logger.info(f"predicted IoU per unlabelled study: {scores}; proposing {pick}")
+        by_id = {s.id: s for s in pool}
+        for ahead in ranked_pool[:2]:  # the study proposed now, and the one proposed next: encoded in the background
+            service.prefetch(by_id[ahead])
         return {"id": pick, "predicted_iou": scores[pick], "scores": scores}

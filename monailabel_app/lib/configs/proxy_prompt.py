@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 from fastapi import HTTPException
 
 from ppgseg import build_model
 from ppgseg.checkpoint import load_ppg
 from ppgseg.serving import ProxyPromptService, Study
+from ppgseg.workflows import read_image
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +30,38 @@ DEFAULTS = {
     "support_slices": "3",  # slices taken from each labelled support volume
     "axis": "2",  # slicing axis of volumes
     "finetune_seconds": "60",  # time bound of the on-the-fly fine-tune on a new support set (0: off)
+    "finetune_drawn_seconds": "0",  # the same for slices drawn in the study itself (Scribbles; 0: off, see README)
     "finetune_lr": "0.002",  # its SGD learning rate (gentler than training from scratch: few pairs, no schedule)
+    "tile": None,  # segment in native-resolution tiles of this side (e.g. 256 for fundus vessels); default: one pass
+    "encode_cache_gb": "4",  # disk for encoder features of studies encoded ahead of need (0: off)
     "seed": "0",
 }
 MODELS = ("proxy_prompt",)
+
+
+class LastResults:
+    """What the app last returned for each image, per label name (bit-packed masks, the last ``memory`` images), so
+    that a Scribbles update can tell the user's edits from the automatic result it starts from."""
+
+    def __init__(self, memory: int = 16) -> None:
+        self.memory = memory
+        self._items: OrderedDict[str, dict[str, tuple[tuple[int, ...], np.ndarray]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, image: str, masks: dict[str, np.ndarray]) -> None:
+        with self._lock:
+            item = self._items.pop(image, {})
+            item.update({n: (m.shape, np.packbits(m.astype(bool), axis=None)) for n, m in masks.items()})
+            self._items[image] = item
+            while len(self._items) > self.memory:
+                self._items.popitem(last=False)
+
+    def get(self, image: str, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        with self._lock:
+            shape_bits = self._items.get(image, {}).get(name)
+        if shape_bits is None or tuple(shape_bits[0]) != tuple(shape):
+            return None
+        return np.unpackbits(shape_bits[1], count=int(np.prod(shape))).reshape(shape).astype(bool)
 
 
 def bad_request(status: int, message: str) -> HTTPException:
@@ -83,10 +114,14 @@ class ProxyPromptConfig:
                 int(c[k]) for k in ("num_support", "support_slices", "axis")
             )
             self.finetune_seconds, self.finetune_lr = float(c["finetune_seconds"]), float(c["finetune_lr"])
+            self.finetune_drawn_seconds = float(c["finetune_drawn_seconds"])
             self.seed = int(c["seed"])
+            self.encode_cache_bytes = int(float(c["encode_cache_gb"]) * 2**30)
+            self.tile = int(c["tile"]) if c["tile"] else None
         except ValueError as err:
             raise ValueError(
-                f"--conf num_support, support_slices, axis, finetune_seconds, seed: not a number ({err})"
+                "--conf num_support, support_slices, axis, finetune_seconds, finetune_lr, seed, tile, encode_cache_gb: "
+                f"not a number ({err})"
             ) from err
         self.explicit_ppg = Path(c["ppg_checkpoint"]) if c["ppg_checkpoint"] else None
         self.model_dir = self.app_dir / "model"
@@ -94,6 +129,8 @@ class ProxyPromptConfig:
         self._service: ProxyPromptService | None = None
         self._loaded: tuple | None = None
         self._lock = threading.Lock()
+        self._usable: dict[str, bool] = {}
+        self.results = LastResults()
 
     # --- weights -------------------------------------------------------------------------------------------------
     def base_weights(self) -> tuple[Path | None, str, list[str]]:
@@ -127,9 +164,12 @@ class ProxyPromptConfig:
                     axis=self.axis,
                     support_slices=self.support_slices,
                     finetune_seconds=self.finetune_seconds,
+                    finetune_drawn_seconds=self.finetune_drawn_seconds,
                     finetune_lr=self.finetune_lr,
                     trained_on=trained_on,
                     seed=self.seed,
+                    encode_cache_bytes=self.encode_cache_bytes,
+                    tile=self.tile,
                 )
             elif version != self._loaded and path is not None:
                 with self._service.lock:
@@ -141,13 +181,43 @@ class ProxyPromptConfig:
 
     # --- datastore -----------------------------------------------------------------------------------------------
     def labelled(self, datastore) -> dict[str, Study]:
-        """Studies of the datastore with a final label."""
+        """Studies of the datastore with a usable final label (see `usable`)."""
         out = {}
         for image_id in datastore.get_labeled_images():
             label = datastore.get_label_uri(image_id, "final")
             if label:
-                out[image_id] = Study(image_id, Path(datastore.get_image_uri(image_id)), Path(label))
+                study = Study(image_id, Path(datastore.get_image_uri(image_id)), Path(label))
+                if self.usable(study):
+                    out[image_id] = study
         return out
+
+    def usable(self, study: Study) -> bool:
+        """Whether a stored final label can support others: readable, the image's size, one object at least.
+        Uploads are checked (`lib/datastore.py`); a file put there by hand is skipped with a warning, so that it never
+        breaks another request. Cached per file version."""
+        try:
+            key = study.stamp()
+        except OSError:
+            return False
+        if key not in self._usable:
+            try:
+                label, image = read_image(study.label), read_image(study.image)
+                problem = None
+                if tuple(label.shape[1:]) != tuple(image.shape[1:]):
+                    problem = f"its size {tuple(label.shape[1:])} is not the image's {tuple(image.shape[1:])}"
+                elif not bool(label.as_tensor().any()):
+                    problem = "it is empty"
+            except ValueError as err:
+                problem = str(err)
+            if problem:
+                logger.warning(f"final label of {study.id} ({study.label}) is not used as support: {problem}")
+            self._usable[key] = problem is None
+        return self._usable[key]
+
+    @staticmethod
+    def result_key(request: dict) -> str:
+        """The image a request is about: its datastore id, else its file (a session's image)."""
+        return str(request.get("image_id") or request["image"])
 
     def pick_labels(self, value) -> dict[str, int]:
         """The requested labels (names, list or comma string) -> {name: value}; all labels when not given."""

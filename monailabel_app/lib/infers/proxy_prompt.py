@@ -9,10 +9,12 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.configs.proxy_prompt import ProxyPromptConfig, bad_request
+from lib.datastore import PANEL_LAYERS, segment_values
 from ppgseg.serving import Study
 from ppgseg.workflows import read_image, write_label
 
@@ -34,6 +36,15 @@ class _ProxyPromptInfer(InferTask):
             raise bad_request(415, f"the {what} upload is not a readable image or volume ({err})") from err
 
     def respond(self, request: dict, image, label: torch.Tensor, labels: dict[str, int], info: dict, start: float):
+        """Write the answer: ``label`` holds the app's values for ``labels``; the file holds 1..N in the order of
+        ``labels`` and ``label_names`` says so (3D Slicer loads value i into the i-th name). What each label got is
+        kept as the last result for this image."""
+        masks = {n: (label == v).numpy() for n, v in labels.items()}
+        self.app.results.put(self.app.result_key(request), masks)
+        label = torch.zeros_like(label, dtype=torch.uint8)
+        for i, mask in enumerate(masks.values()):
+            label[torch.from_numpy(mask)] = i + 1
+        labels = {n: i + 1 for i, n in enumerate(masks)}
         image_path = Path(request["image"])
         two_d = image.dim() == 3
         ext = ".png" if two_d and image_path.suffix.lower() in (".png", ".jpg", ".jpeg") else ".nii.gz"
@@ -99,15 +110,23 @@ class StudySupportInfer(_ProxyPromptInfer):
             support = service.study_support(chosen, list(labels.values()))
         except LookupError as err:
             raise bad_request(422, f"{err}; name other support_ids or fewer labels") from err
-        label, info = service.segment(image, support)
+        target = Study(target_id, Path(request["image"])) if target_id else None
+        label, info = service.segment(image, support, study=target)
         info["support_ids"] = [s.id for s in chosen]
         return self.respond(request, image, label, labels, info, start)
 
 
 class SliceSupportInfer(_ProxyPromptInfer):
-    """Segments a volume from the slices the user labelled in it (the ``label`` upload of Slicer's Scribbles panel,
-    values = the app's label values, 0 elsewhere). Every other slice is segmented; the user's slices come back as
-    drawn. Option: ``labels`` (names to segment; default: those drawn)."""
+    """Segments a volume from the slices the user drew or corrected in it (Slicer's Scribbles panel: Update).
+
+    The ``label`` upload is Slicer's export of every segment, value = segment position + 1, named by ``label_info``
+    (``[{"name", "id"}]``); the answer is ``selected_label_name`` as value 1, what the panel loads. The panel's
+    ``foreground_scribbles`` layer adds to the selected object and ``background_scribbles`` marks not-object. The
+    slices that count as drawn are those that differ from what the app last returned for this image and object (so
+    correcting two slices of an automatic result propagates the correction), plus the slices with scribbles; with no
+    earlier result, every slice that shows the object. They are the support; every other slice is segmented, and the
+    drawn slices come back as drawn. Without ``label_info`` (other clients), values are the app's label values, the
+    ``labels`` option (default: those drawn) names what to segment, and the answer has values 1..N in that order."""
 
     def __init__(self, config: ProxyPromptConfig, datastore) -> None:
         super().__init__(
@@ -122,33 +141,94 @@ class SliceSupportInfer(_ProxyPromptInfer):
         upload = self.read(request["label"], "label")
         if image.dim() != 4:
             raise bad_request(422, "proxy_prompt_slices segments volumes; for a 2D image use proxy_prompt")
-        label = upload.as_tensor()[0].round().long()
-        if tuple(label.shape) != tuple(image.shape[1:]):
+        values = upload.as_tensor()[0].round().long().numpy()
+        if tuple(values.shape) != tuple(image.shape[1:]):
             raise bad_request(
                 422,
-                f"the uploaded label is {tuple(label.shape)} but the image is "
+                f"the uploaded label is {tuple(values.shape)} but the image is "
                 f"{tuple(image.shape[1:])}: upload the label of this volume",
             )
-        values = sorted(int(v) for v in label.unique().tolist() if v != 0)
-        if not values:
-            raise bad_request(422, "the uploaded label is empty: draw at least one slice")
-        unknown = [v for v in values if v not in self.app.labels.values()]
-        if unknown:
-            raise bad_request(
-                422, f"the uploaded label has values {unknown} that are not labels of this app ({self.app.labels})"
-            )
-        names = {v: n for n, v in self.app.labels.items()}
-        labels = self.app.pick_labels(request.get("labels") or [names[v] for v in values])
-        missing = [n for n, v in labels.items() if v not in values]
-        if missing:
-            raise bad_request(422, f"labels {missing} are not drawn on any slice of the upload")
-        service = self.app.service()
+        wanted, erase, marked = self.drawn_objects(request, values)
+        service, key = self.app.service(), self.app.result_key(request)
         axis = service.axis
-        drawn = [z for z in range(label.shape[axis]) if bool(label.select(axis, z).any())]
+        edited = set(marked)
+        for name, mask in wanted.items():
+            # a Slicer upload holds the whole segmentation, so slices are compared with the last result; other
+            # clients upload only what they drew
+            last = self.app.results.get(key, name, mask.shape) if "label_info" in request else None
+            for z in range(mask.shape[axis]):
+                now = mask.take(z, axis)
+                if now.any() if last is None else not np.array_equal(now, last.take(z, axis)):
+                    edited.add(z)
+        drawn = sorted(edited)
+        names = ", ".join(wanted)
+        if not drawn:
+            raise bad_request(
+                422,
+                f"nothing drawn or changed for {names} since the last result: draw {names} on one or more slices, "
+                "or correct the result on a slice, then Update",
+            )
+        support_label = np.zeros(values.shape, np.uint8)
+        for name, mask in wanted.items():
+            support_label[mask] = self.app.labels[name]
+        np.moveaxis(support_label, axis, 0)[[z for z in range(values.shape[axis]) if z not in edited]] = 0
+        absent = [n for n in wanted if not (support_label == self.app.labels[n]).any()]
+        if absent:
+            raise bad_request(
+                422, f"{', '.join(absent)} is drawn on none of the slices you drew or changed ({drawn}): draw it there"
+            )
+        ids = [self.app.labels[n] for n in wanted]
         name = request.get("image_id") or Path(request["image"]).name
-        support = service.slice_support(image, label, list(labels.values()), name)
-        out, info = service.segment(image, support, skip=drawn)
-        for z in drawn:  # the user's slices as drawn
-            out.select(axis, z).copy_(label.select(axis, z).to(out.dtype))
+        support = service.slice_support(image, torch.from_numpy(support_label).long(), ids, name)
+        target = Study(request["image_id"], Path(request["image"])) if request.get("image_id") else None
+        label, info = service.segment(image, support, skip=drawn, study=target)
+        label = label.numpy()
+        chosen = np.moveaxis(np.zeros(values.shape, bool), axis, 0)
+        chosen[drawn] = True
+        chosen = np.moveaxis(chosen, 0, axis)
+        label[chosen] = support_label[chosen]  # the user's slices as drawn
+        label[erase] = 0
         info["drawn_slices"] = drawn
-        return self.respond(request, image, out, labels, info, start)
+        return self.respond(
+            request, image, torch.from_numpy(label), {n: self.app.labels[n] for n in wanted}, info, start
+        )
+
+    def drawn_objects(self, request: dict, values: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, list[int]]:
+        """{label name: drawn mask}, the not-object mask (background scribbles) and the slices with scribbles."""
+        present = sorted(int(v) for v in np.unique(values) if v != 0)
+        if not present:
+            raise bad_request(422, "the uploaded label is empty: draw at least one slice")
+        axis = self.app.axis
+        if "label_info" not in request:
+            unknown = [v for v in present if v not in self.app.labels.values()]
+            if unknown:
+                raise bad_request(
+                    422, f"the uploaded label has values {unknown} that are not labels of this app ({self.app.labels})"
+                )
+            by_value = {v: n for n, v in self.app.labels.items()}
+            labels = self.app.pick_labels(request.get("labels") or [by_value[v] for v in present])
+            missing = [n for n, v in labels.items() if v not in present]
+            if missing:
+                raise bad_request(422, f"labels {missing} are not drawn on any slice of the upload")
+            return {n: values == v for n, v in labels.items()}, np.zeros(values.shape, bool), []
+        selected = request.get("selected_label_name")
+        if not selected:
+            raise bad_request(400, "label_info came without selected_label_name: say which segment to update")
+        if selected not in self.app.labels:
+            raise bad_request(
+                422,
+                f"the selected segment {selected!r} is not a label of this app; its labels are {list(self.app.labels)}",
+            )
+        names = segment_values(request["label_info"], "id")
+        unnamed = [v for v in present if v not in names]
+        if unnamed:
+            raise bad_request(422, f"the uploaded label has values {unnamed} that label_info does not name ({names})")
+        masks: dict[str, np.ndarray] = {}
+        for v in present:
+            masks[names[v]] = masks.get(names[v], False) | (values == v)
+        none = np.zeros(values.shape, bool)
+        scribbles = masks.get(PANEL_LAYERS[0], none) | masks.get(PANEL_LAYERS[1], none)
+        erase = masks.get(PANEL_LAYERS[1], none)
+        obj = (masks.get(selected, none) | masks.get(PANEL_LAYERS[0], none)) & ~erase
+        marked = [z for z in range(values.shape[axis]) if scribbles.take(z, axis).any()]
+        return {selected: obj}, erase, marked

@@ -93,11 +93,12 @@ class ProxyPromptTrain(TrainTask):
         start, started = time.time(), time.strftime("%Y-%m-%d %H:%M:%S")
         logger.info(f"training from {description} on {dataset / 'dataset.json'}: {opts}")
 
-        def write_stats(engine) -> None:
+        def write_stats(engine, done: bool = False) -> None:
+            # 3D Slicer's MONAILabel panel reads `total_time` as "training finished": written only at the end
             stats = {
                 "model": request.get("model"),
                 "start_ts": started,
-                "total_time": f"{time.time() - start:.0f} s",
+                **({"total_time": f"{time.time() - start:.0f} s"} if done else {}),
                 "epoch": engine.state.epoch,
                 "total_epochs": engine.state.max_epochs,
                 "train_loss": float(engine.state.output["loss"]) if engine.state.output else None,
@@ -109,6 +110,7 @@ class ProxyPromptTrain(TrainTask):
             logger.info(f"epoch {engine.state.epoch}/{engine.state.max_epochs}: {stats}")
 
         trainer.add_event_handler(Events.EPOCH_COMPLETED, write_stats)
+        trainer.add_event_handler(Events.COMPLETED, write_stats, True)
         trainer.run()
         best = out / "model.pt" if (out / "model.pt").is_file() else out / "model_final.pt"
         tmp = self.app.trained.with_suffix(".tmp")
