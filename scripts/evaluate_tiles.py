@@ -19,6 +19,7 @@ from monai.metrics import compute_dice
 
 from ppgseg import build_model
 from ppgseg.data.contract import read_labels
+from ppgseg.protocol import LOSSES
 from ppgseg.data.episodes import to_byte_range
 from ppgseg.tiling import segment_tiled, tile_pairs, tile_samples
 from ppgseg.training import EpisodeBank, make_optimizer, train_episodes
@@ -55,6 +56,7 @@ def main() -> None:
     p.add_argument("--support", type=int, default=4)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--views", type=int, default=2)
+    p.add_argument("--loss", choices=sorted(LOSSES), default="dicece")
     p.add_argument("--max-test", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
@@ -80,7 +82,8 @@ def main() -> None:
         samples = tile_samples(train, tile) if tile else train
         bank = EpisodeBank(m, samples, ids, views=a.views, seed=a.seed)
         t = time.time()
-        train_episodes(m, bank, steps=a.steps, num_support=a.support, optimizer=make_optimizer(m), seed=a.seed)
+        train_episodes(m, bank, steps=a.steps, num_support=a.support, optimizer=make_optimizer(m), seed=a.seed,
+                       loss_fn=LOSSES[a.loss](sigmoid=True), progress=f"training, tile {tile}")
         key = f"trained {a.steps} episodes on {len(train)} pairs, {'tiles' if tile else 'one pass'}"
         rows[key] = evaluate(m, support, tests, ids, tile)
         print(key, rows[key], f"({time.time() - t:.0f} s training)", flush=True)
