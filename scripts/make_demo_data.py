@@ -1,11 +1,12 @@
-"""Generate the demo datasets (fundus-like, ultrasound-like, CT-like; with --videos ultrasound-like clips) in the data
-contract; deterministic, offline."""
+"""Generate the demo datasets (fundus-like, ultrasound-like, CT-like; with --videos ultrasound-like clips; with
+--random-tasks procedurally generated tasks) in the data contract; deterministic, offline."""
 
 from __future__ import annotations
 
 import argparse
 
 from ppgseg.data.demo import FAMILIES, write_family, write_studies
+from ppgseg.data.randomized import write_tasks
 from ppgseg.data.video import write_demo_videos
 
 
@@ -30,7 +31,21 @@ def main() -> None:
         help="instead: write ultrasound-like clips (OUT/ultrasound_video) for video mode",
     )
     parser.add_argument("--frames", type=int, default=20, help="frames per clip (with --videos)")
+    parser.add_argument(
+        "--random-tasks",
+        type=int,
+        default=0,
+        help="instead: write this many domain-randomised tasks (OUT/random/task_XXX; --n-train, --n-test images)",
+    )
+    parser.add_argument("--size", type=int, default=256, help="image side of the random tasks")
     args = parser.parse_args()
+    if args.random_tasks:
+        folders = write_tasks(
+            f"{args.out}/random", n_tasks=args.random_tasks, n_images=args.n_train, n_test=args.n_test,
+            size=args.size, seed=args.seed,
+        )  # fmt: skip
+        print(f"wrote {len(folders)} random tasks to {args.out}/random")
+        return
     if args.videos:
         folder = write_demo_videos(
             args.out, n_train=8, n_val=2, n_test=4, frames=args.frames, seed=args.seed
