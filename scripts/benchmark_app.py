@@ -103,6 +103,7 @@ def main() -> None:
             ids = {n: LABELS[n] for n in params["label_names"]}  # the answer's values are 1..N in its names' order
             scores = {n: dice(out == v, truths[image] == ids[n]) for n, v in params["label_names"].items()}
             runs.append((name, seconds, params, scores))
+            print(f"{name}: {seconds:.1f} s ({', '.join(f'{n} {d:.3f}' for n, d in scores.items())})", flush=True)
             return out, params
 
         runs = []
