@@ -19,8 +19,8 @@ from monai.metrics import compute_dice
 
 from ppgseg import build_model
 from ppgseg.data.contract import read_labels
-from ppgseg.protocol import LOSSES
 from ppgseg.data.episodes import to_byte_range
+from ppgseg.protocol import LOSSES
 from ppgseg.tiling import segment_tiled, tile_pairs, tile_samples
 from ppgseg.training import EpisodeBank, make_optimizer, train_episodes
 from ppgseg.workflows import split_samples
@@ -82,8 +82,16 @@ def main() -> None:
         samples = tile_samples(train, tile) if tile else train
         bank = EpisodeBank(m, samples, ids, views=a.views, seed=a.seed)
         t = time.time()
-        train_episodes(m, bank, steps=a.steps, num_support=a.support, optimizer=make_optimizer(m), seed=a.seed,
-                       loss_fn=LOSSES[a.loss](sigmoid=True), progress=f"training, tile {tile}")
+        train_episodes(
+            m,
+            bank,
+            steps=a.steps,
+            num_support=a.support,
+            optimizer=make_optimizer(m),
+            seed=a.seed,
+            loss_fn=LOSSES[a.loss](sigmoid=True),
+            progress=f"training, tile {tile}",
+        )
         key = f"trained {a.steps} episodes on {len(train)} pairs, {'tiles' if tile else 'one pass'}"
         rows[key] = evaluate(m, support, tests, ids, tile)
         print(key, rows[key], f"({time.time() - t:.0f} s training)", flush=True)
