@@ -151,16 +151,16 @@ class SliceSupportInfer(_ProxyPromptInfer):
         wanted, erase, marked = self.drawn_objects(request, values)
         service, key = self.app.service(), self.app.result_key(request)
         axis = service.axis
-        edited = set(marked)
+        by_slice = values.shape[axis]
+        edited = np.zeros(by_slice, bool)
+        edited[marked] = True
         for name, mask in wanted.items():
             # a Slicer upload holds the whole segmentation, so slices are compared with the last result; other
             # clients upload only what they drew
             last = self.app.results.get(key, name, mask.shape) if "label_info" in request else None
-            for z in range(mask.shape[axis]):
-                now = mask.take(z, axis)
-                if now.any() if last is None else not np.array_equal(now, last.take(z, axis)):
-                    edited.add(z)
-        drawn = sorted(edited)
+            change = mask if last is None else mask != last
+            edited |= np.moveaxis(change, axis, 0).reshape(by_slice, -1).any(axis=1)
+        drawn = np.flatnonzero(edited).tolist()
         names = ", ".join(wanted)
         if not drawn:
             raise bad_request(
@@ -171,7 +171,9 @@ class SliceSupportInfer(_ProxyPromptInfer):
         support_label = np.zeros(values.shape, np.uint8)
         for name, mask in wanted.items():
             support_label[mask] = self.app.labels[name]
-        np.moveaxis(support_label, axis, 0)[[z for z in range(values.shape[axis]) if z not in edited]] = 0
+        on_drawn = np.zeros(values.shape, bool)
+        np.moveaxis(on_drawn, axis, 0)[edited] = True
+        support_label[~on_drawn] = 0
         absent = [n for n in wanted if not (support_label == self.app.labels[n]).any()]
         if absent:
             raise bad_request(
@@ -183,10 +185,7 @@ class SliceSupportInfer(_ProxyPromptInfer):
         target = Study(request["image_id"], Path(request["image"])) if request.get("image_id") else None
         label, info = service.segment(image, support, skip=drawn, study=target)
         label = label.numpy()
-        chosen = np.moveaxis(np.zeros(values.shape, bool), axis, 0)
-        chosen[drawn] = True
-        chosen = np.moveaxis(chosen, 0, axis)
-        label[chosen] = support_label[chosen]  # the user's slices as drawn
+        label[on_drawn] = support_label[on_drawn]  # the user's slices as drawn
         label[erase] = 0
         info["drawn_slices"] = drawn
         return self.respond(
