@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import torch
 from torch import nn
 
 from .backbones.base import Backbone
@@ -42,3 +46,26 @@ def freeze_base(model: nn.Module) -> list[str]:
         if p.requires_grad:
             names.append(name)
     return names
+
+
+@contextlib.contextmanager
+def merged_lora(model: nn.Module) -> Iterator[None]:
+    """Inference with every LoRA adapter merged into its base weight (peft's ``merge``): one matrix product per
+    adapted projection instead of three. On exit the adapters are unmerged and the base weights restored bit for bit
+    from a copy (unmerging alone leaves rounding drift), so training and checkpoints never see merged weights.
+    Gradients must be off: a merged layer no longer passes any to its adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    if torch.is_grad_enabled():
+        raise RuntimeError("merged_lora is for inference: call it under torch.no_grad()")
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.merged]
+    saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+    try:
+        for m in layers:
+            m.merge()
+        yield
+    finally:
+        for m, weight in zip(layers, saved):
+            if m.merged:
+                m.unmerge()
+            m.get_base_layer().weight.copy_(weight)

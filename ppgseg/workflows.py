@@ -27,6 +27,7 @@ from .backbones.base import Features
 from .checkpoint import save_ppg
 from .data.contract import Sample, load_samples, read_labels, read_split
 from .data.episodes import subject_of, to_byte_range
+from .lora import merged_lora
 from .modeling.generator import SupportEmbedding
 from .modeling.proxy_sam import ProxyPromptSAM
 from .tiling import support_tile, tile_samples
@@ -399,16 +400,19 @@ def segment_image(
     skip: Sequence[int] = (),
     inferer: Inferer | None = None,
     features: Features | None = None,
+    min_carried: float = 0.0,
 ) -> Tensor:
     """Label map (spatial shape of ``image``, uint8 label ids) of a 2D image or a 3D volume (C, *spatial) as read.
 
     2D images are segmented in file orientation (readers give (W, H)), as training sees them; volumes slice by slice
     along ``axis``, the support encoded once. Slices in ``skip`` are left 0 (the caller fills them). ``inferer``: see
     `label_slices`. ``features``: the encoder's features of every slice of a volume (`encode_slices`), computed
-    earlier; then only the PPG and the decoder run."""
+    earlier; then only the PPG and the decoder run. ``min_carried``: see `ProxyPromptSAM.segment_features`."""
     spatial = image.shape[1:]
     if len(spatial) == 2:
-        return label_slices(model, as_slices(image, axis), embedding, label_ids, chunk=chunk, inferer=inferer)[0].T
+        return label_slices(
+            model, as_slices(image, axis), embedding, label_ids, chunk=chunk, inferer=inferer, min_carried=min_carried
+        )[0].T
     if len(spatial) != 3:
         raise ValueError(f"expected a 2D image or a 3D volume, got spatial shape {tuple(spatial)}")
     if not 0 <= axis <= 2:
@@ -420,7 +424,7 @@ def segment_image(
     out = torch.zeros((len(slices), *slices.shape[2:]), dtype=torch.uint8)
     if todo:
         out[todo] = label_slices(
-            model, slices[todo], embedding, label_ids, chunk=chunk, inferer=inferer,
+            model, slices[todo], embedding, label_ids, chunk=chunk, inferer=inferer, min_carried=min_carried,
             features=None if features is None else features.select(todo),
         )  # fmt: skip
     return out.movedim(0, axis)
@@ -457,25 +461,27 @@ def label_slices(
     chunk: int = 8,
     inferer: Inferer | None = None,
     features: Features | None = None,
+    min_carried: float = 0.0,
 ) -> Tensor:
     """(Z, C, H, W) -> (Z, H, W) label map: at each pixel the label id of the most confident object with a positive
     logit, 0 where none is. ``inferer`` runs the model (MONAI's `SimpleInferer` by default; `NativeTileInferer`
-    for native-resolution tiles). ``features``: the slices' encoder features, computed earlier (one pass only)."""
+    for native-resolution tiles). ``features``: the slices' encoder features, computed earlier (one pass only).
+    ``min_carried``: see `ProxyPromptSAM.segment_features`. LoRA adapters are merged while it runs (`merged_lora`)."""
     if features is not None and inferer is not None:
         raise ValueError("features computed earlier serve one pass over each slice, not an inferer's tiles")
     inferer = inferer or SimpleInferer()
     geo = model.backbone.geometry(tuple(slices.shape[-2:]))
     device = model.backbone.device
     out = []
-    for start in range(0, len(slices), chunk):
-        part = torch.stack([to_byte_range(s) for s in slices[start : start + chunk]])
-        with torch.no_grad():
+    with torch.no_grad(), merged_lora(model):
+        for start in range(0, len(slices), chunk):
+            part = torch.stack([to_byte_range(s) for s in slices[start : start + chunk]])
             if features is None:
-                logits = inferer(part, lambda x: model.segment(x, embedding))
+                logits = inferer(part, lambda x: model.segment(x, embedding, min_carried=min_carried))
             else:
                 f = features.select(slice(start, start + chunk))
                 f = Features(f.embed.to(device), tuple(h.to(device) for h in f.high_res))
-                logits = model.backbone.postprocess(model.segment_features(f, embedding), geo)
+                logits = model.backbone.postprocess(model.segment_features(f, embedding, min_carried=min_carried), geo)
             out.append(to_label(logits.cpu(), label_ids))  # (z, N, H, W) logits
     return torch.cat(out)
 

@@ -150,7 +150,7 @@ def tiny_model():
 def bright_oracle(model):
     """Replace the model's segmentation by 'bright pixels are object 1': inference must put them where they are."""
 
-    def segment(targets, support):
+    def segment(targets, support, **kwargs):
         return (targets.float().mean(1, keepdim=True) > 128).float() * 20 - 10
 
     model.segment = segment

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ppgseg import build_model, load_ppg, save_ppg
 from ppgseg.backbones import build_sam_tiny
-from ppgseg.lora import add_lora, is_trainable
+from ppgseg.lora import add_lora, is_trainable, merged_lora
 from ppgseg.modeling.colorization import ContextualColorization, PooledContext
 from ppgseg.modeling.selective_map import MeanContext, SelectiveMap
 
@@ -170,6 +170,45 @@ def test_cached_support_equals_uncached(model) -> None:
         uncached = model(targets, images, masks)
     torch.testing.assert_close(one_by_one, uncached, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(batched, uncached, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_lora_same_output_and_weights_restored(trained) -> None:
+    model, _ = trained
+    images, masks = make_support(2, 2)
+    targets = make_targets(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        support = model.encode_support(images, masks)
+        plain = model.segment(targets, support)
+        with merged_lora(model):
+            merged = model.segment(targets, support)
+            changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all(k.endswith("base_layer.weight") for k in changed)  # merged into the base weights...
+    torch.testing.assert_close(merged, plain, atol=1e-4, rtol=1e-4)  # ...computing the same
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # restored bit for bit
+    with pytest.raises(RuntimeError, match="no_grad"), merged_lora(model):
+        pass
+
+
+def test_min_carried_skips_only_objects_carried_nowhere(trained) -> None:
+    """Objects below the threshold get background without a decode; every other one is decoded as before."""
+    model, _ = trained
+    images, masks = make_support(2, 3)
+    targets = make_targets(3)
+    with torch.no_grad():
+        support = model.encode_support(images, masks)
+        features = model.encode_images(model.backbone.preprocess(targets)[0])
+        _, coarse = model.generator(model.to_grid(features.embed), support)
+        peak = coarse.flatten(2).amax(2)  # (B, N)
+        tau = float(peak.flatten().sort().values[4])  # 4 of the 9 (target, object) pairs fall below it
+        full, full_iou = model.segment_features(features, support, with_iou=True)
+        part, part_iou = model.segment_features(features, support, with_iou=True, min_carried=tau)
+    skipped = peak < tau
+    assert int(skipped.sum()) == 4
+    torch.testing.assert_close(part[~skipped], full[~skipped], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(part_iou[~skipped], full_iou[~skipped], atol=1e-5, rtol=1e-5)
+    assert bool((part[skipped] == -20).all()) and bool((part_iou[skipped] == 0).all())
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------------

@@ -88,22 +88,42 @@ class ProxyPromptSAM(nn.Module):
 
     # --- targets ---------------------------------------------------------------------------------------------------
     def segment(
-        self, targets: Tensor, support: SupportEmbedding, *, with_iou: bool = False
+        self, targets: Tensor, support: SupportEmbedding, *, with_iou: bool = False, min_carried: float = 0.0
     ) -> Tensor | tuple[Tensor, Tensor]:
         """(B, 1 or 3, H, W) targets as loaded -> (B, N, H, W) mask logits at the targets' size (and, with
-        ``with_iou``, the mask decoder's predicted IoU of each mask, (B, N))."""
+        ``with_iou``, the mask decoder's predicted IoU of each mask, (B, N)). ``min_carried``: see
+        `segment_features`."""
         x, geo = self.backbone.preprocess(targets)
-        out = self.segment_features(self.encode_images(x), support, with_iou=with_iou)
+        out = self.segment_features(self.encode_images(x), support, with_iou=with_iou, min_carried=min_carried)
         if with_iou:
             return self.backbone.postprocess(out[0], geo), out[1]
         return self.backbone.postprocess(out, geo)
 
     def segment_features(
-        self, features: Features, support: SupportEmbedding, *, with_iou: bool = False
+        self, features: Features, support: SupportEmbedding, *, with_iou: bool = False, min_carried: float = 0.0
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """Backbone features of B targets -> (B, N, 4H, 4W) low-res logits in the padded input frame."""
+        """Backbone features of B targets -> (B, N, 4H, 4W) low-res logits in the padded input frame.
+
+        ``min_carried`` > 0: an object that the Selective map carries nowhere on a target (its carried support mask
+        stays below ``min_carried`` in every cell: no target patch resembles the object's support patches) is
+        answered as background (logit -20, IoU 0) without running the mask decoder for it, the costly part once the
+        features are cached (one decode per object and target). Every other object is decoded as without it.
+        """
         tokens, coarse = self.generator(self.to_grid(features.embed), support)  # (B, N, T, C), (B, N, g, g)
-        return self.route(self.backbone, features, tokens, coarse, with_iou=with_iou)
+        keep = coarse.flatten(2).amax(2) >= min_carried  # (B, N)
+        if min_carried <= 0 or not self.route.uses_decoder or bool(keep.all()):
+            return self.route(self.backbone, features, tokens, coarse, with_iou=with_iou)
+        b, n = keep.shape
+        side = 4 * features.embed.shape[-1]
+        logits, iou = coarse.new_full((b, n, side, side), -20.0), coarse.new_zeros(b, n)
+        at, obj = keep.nonzero(as_tuple=True)
+        if len(at):  # each kept (target, object) pair decoded on its own: the decoder works per prompt anyway
+            out, score = self.route(
+                self.backbone, features.select(at.tolist()), tokens[at, obj][:, None], coarse[at, obj][:, None],
+                with_iou=True,
+            )  # fmt: skip
+            logits[at, obj], iou[at, obj] = out[:, 0], score[:, 0]
+        return (logits, iou) if with_iou else logits
 
     def forward(self, targets: Tensor, support_images: Tensor, support_masks: Tensor) -> Tensor:
         """Uncached: encode the support set and segment the targets in one call."""

@@ -34,6 +34,7 @@ DEFAULTS = {
     "finetune_lr": "0.002",  # its SGD learning rate (gentler than training from scratch: few pairs, no schedule)
     "tile": None,  # segment in native-resolution tiles of this side (e.g. 256 for fundus vessels); default: one pass
     "encode_cache_gb": "4",  # disk for encoder features of studies encoded ahead of need (0: off)
+    "min_carried": "0.05",  # an object the support carries nowhere on a slice is left empty there, undecoded (0: off)
     "seed": "0",
 }
 MODELS = ("proxy_prompt",)
@@ -118,10 +119,11 @@ class ProxyPromptConfig:
             self.seed = int(c["seed"])
             self.encode_cache_bytes = int(float(c["encode_cache_gb"]) * 2**30)
             self.tile = int(c["tile"]) if c["tile"] else None
+            self.min_carried = float(c["min_carried"])
         except ValueError as err:
             raise ValueError(
-                "--conf num_support, support_slices, axis, finetune_seconds, finetune_lr, seed, tile, encode_cache_gb: "
-                f"not a number ({err})"
+                "--conf num_support, support_slices, axis, finetune_seconds, finetune_lr, seed, tile, encode_cache_gb, "
+                f"min_carried: not a number ({err})"
             ) from err
         self.explicit_ppg = Path(c["ppg_checkpoint"]) if c["ppg_checkpoint"] else None
         self.model_dir = self.app_dir / "model"
@@ -170,6 +172,7 @@ class ProxyPromptConfig:
                     seed=self.seed,
                     encode_cache_bytes=self.encode_cache_bytes,
                     tile=self.tile,
+                    min_carried=self.min_carried,
                 )
             elif version != self._loaded and path is not None:
                 with self._service.lock:
