@@ -4,6 +4,9 @@ from .build import BACKBONES, PRESETS, Preset, build_model
 from .checkpoint import load_ppg, save_ppg
 from .modeling.generator import SupportEmbedding
 from .modeling.proxy_sam import ProxyPromptSAM
+from .runtime import pad_heap
+
+pad_heap()  # keep freed heap memory: CPU forwards stop paying page faults again and again (see runtime.py)
 
 __all__ = [
     "BACKBONES",

@@ -65,7 +65,7 @@ def merged_lora(model: nn.Module) -> Iterator[None]:
             m.merge()
         yield
     finally:
-        for m, weight in zip(layers, saved):
+        for m, weight in zip(layers, saved, strict=True):
             if m.merged:
                 m.unmerge()
             m.get_base_layer().weight.copy_(weight)
