@@ -6,7 +6,7 @@ from .modeling.generator import SupportEmbedding
 from .modeling.proxy_sam import ProxyPromptSAM
 from .runtime import pad_heap
 
-pad_heap()  # keep freed heap memory: CPU forwards stop paying page faults again and again (see runtime.py)
+pad_heap()  # keep freed heap memory, in every thread: CPU forwards stop paying page faults (see runtime.py)
 
 __all__ = [
     "BACKBONES",
