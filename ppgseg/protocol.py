@@ -7,6 +7,8 @@
   each trained as it runs (`modeling/prompt_route.py`).
 - Fig. 7: M in {2, 4, 8, 16} training pairs x G in {1, 2, 4, 8} test-time supports (G <= M), several support draws.
 - Fig. 4: stability: Dice spread over 5 different support sets, for every method of Table 1.
+- Objects: Dice of the objects asked for against how many are asked at once (N = 1 ... all labels), on random
+  subsets of the labels; each object is scored only where it is asked for.
 
 Presets whose image encoder is frozen (the `cpu` preset) encode every training and test image once for the whole
 protocol: the encoder's output does not depend on what trains.
@@ -62,6 +64,7 @@ class Settings:
     preset: str = "cpu"
     checkpoint: str | None = None
     prompt: str = "transfer"
+    ppg_checkpoint: str | None = None
     train_pairs: int | None = None
     test_images: int | None = None
     loss: str = "dice"
@@ -100,7 +103,10 @@ class Protocol:
 
     def model(self, **overrides) -> ProxyPromptSAM:
         torch.manual_seed(self.s.seed)
-        return build_model(self.s.backbone, self.s.preset, self.s.checkpoint, **{"prompt": self.s.prompt, **overrides})
+        return build_model(
+            self.s.backbone, self.s.preset, self.s.checkpoint, self.s.ppg_checkpoint,
+            **{"prompt": self.s.prompt, **overrides},
+        )  # fmt: skip
 
     # --- data ------------------------------------------------------------------------------------------------------
     def prepare(self, model: ProxyPromptSAM) -> None:
@@ -130,6 +136,8 @@ class Protocol:
     # --- train / evaluate -----------------------------------------------------------------------------------------
     def train(self, model: ProxyPromptSAM, m: int) -> ProxyPromptSAM:
         self.prepare(model)
+        if self.s.steps == 0:  # the start weights as they are (zero-training evaluation)
+            return model
         bank = self.bank.subset(list(range(min(m, len(self.bank)))))
         k = min(self.s.train_support, m - 1)
         optimizer = make_optimizer(model)
@@ -150,18 +158,37 @@ class Protocol:
         return idx
 
     @torch.no_grad()
-    def evaluate(self, model: ProxyPromptSAM, support: list[int]) -> np.ndarray:
-        """Mean Dice per object over the test split (targets lacking an object do not count for it)."""
+    def evaluate(self, model: ProxyPromptSAM, support: list[int], objects: list[int] | None = None) -> np.ndarray:
+        """Mean Dice per object over the test split (targets lacking an object do not count for it); ``objects``:
+        the indices of the labels asked for (default: all of them, in order)."""
         model.eval()
         b = self.bank
-        x, masks = b.x[0, support], b.masks[0, support]
+        asked = list(range(len(self.ids))) if objects is None else list(objects)
+        x, masks = b.x[0, support], b.masks[0, support][:, asked]
         sup = model.encode_prepared_support(x, masks, b.features(model, 0, support))
         scores = []
         for tx, geo, feats, labels in self.test_cache:
             feats = feats if feats is not None else model.encode_images(tx)
             logits = model.backbone.postprocess(model.segment_features(feats, sup), geo)
-            scores.append(compute_dice((logits > 0).float().cpu(), labels, ignore_empty=True)[0].numpy())
+            truth = labels[:, asked]
+            scores.append(compute_dice((logits > 0).float().cpu(), truth, ignore_empty=True)[0].numpy())
         return np.nanmean(np.stack(scores), axis=0)
+
+    def objects_study(self, model: ProxyPromptSAM) -> dict[str, list[float]]:
+        """N -> mean Dice of the asked objects, one value per draw (a random subset of N labels and a support set
+        that shows them), N = 1 ... all labels."""
+        s, out = self.s, {}
+        m_full = len(self.train_samples)
+        for n in range(1, len(self.ids) + 1):
+            values = []
+            for d in range(s.draws):
+                rng = np.random.default_rng([s.seed, n, d, 7])
+                asked = sorted(int(i) for i in rng.choice(len(self.ids), n, replace=False))
+                values.append(
+                    float(np.nanmean(self.evaluate(model, self.support_draw(m_full, s.test_support, d), asked)))
+                )
+            out[str(n)] = values
+        return out
 
     # --- PPG and its peers --------------------------------------------------------------------------------------
     def comparison_data(self, model: ProxyPromptSAM) -> tuple[Backbone, Pairs, list[Target]]:
@@ -250,7 +277,7 @@ class Protocol:
         main = None
         bar = tqdm(total=len(s.studies), desc="studies")
         comparison = {"table1", "fig4"} & set(s.studies)
-        if comparison and "ppg" in s.methods or {"table2", "routes", "fig7"} & set(s.studies):
+        if comparison and "ppg" in s.methods or {"table2", "routes", "fig7", "objects"} & set(s.studies):
             main = self.model()
             self.prepare(main)
             t = time.time()
@@ -284,6 +311,9 @@ class Protocol:
                 for g in [g for g in s.support_sizes if g <= m]:
                     dice = [self.evaluate(model, self.support_draw(m, g, d)).mean() for d in range(s.draws)]
                     res["fig7"][f"{m},{g}"] = [float(v) for v in dice]
+            bar.update()
+        if "objects" in s.studies:
+            res["objects"] = self.objects_study(main)
             bar.update()
         bar.close()
         return res

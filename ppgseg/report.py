@@ -50,8 +50,14 @@ def write_report(p: Protocol) -> Path:
         "",
         f"Dataset `{s.dataset}`: {len(p.train_samples)} training and {len(p.test_samples)} test samples, "
         f"objects {', '.join(names)}. Backbone `{s.backbone}`, preset `{s.preset}`, prompt route `{s.prompt}`. "
-        f"Each PPG model trains {s.steps} episodes (paper SGD, {LOSS_NAMES[s.loss]} loss) with up to "
-        f"{s.train_support} supports per episode and {s.views} augmentation views, from seed {s.seed}. Dice on the "
+        + (
+            f"Each PPG model trains {s.steps} episodes (paper SGD, {LOSS_NAMES[s.loss]} loss) with up to "
+            f"{s.train_support} supports per episode and {s.views} augmentation views, "
+            if s.steps
+            else "No training: the PPG runs with its start weights as they are, the training split serves only as "
+            "the support pool, "
+        )
+        + f"from {'weights `' + str(s.ppg_checkpoint) + '`' if s.ppg_checkpoint else f'seed {s.seed}'}. Dice on the "
         f"test split; a target that does not show an object does not count for it. Written by "
         f"`scripts/evaluate_protocol.py`.",
         "",
@@ -95,6 +101,23 @@ def write_report(p: Protocol) -> Path:
         ax.set(xscale="log", xticks=gs, xticklabels=gs, xlabel="test-time supports G", ylabel="mean Dice")
         ax.legend()
         lines += ["", f"![Fig. 7]({save(fig, 'fig7_support_sizes.png')})", ""]
+    if "objects" in res:
+        ns = sorted(res["objects"], key=int)
+        lines += [
+            f"## Objects asked at once: mean Dice of the asked objects against N ({s.draws} draws of the labels "
+            f"and of {s.test_support} supports, +- std)",
+            "",
+            "| N | " + " | ".join(ns) + " |",
+            "|" + "---|" * (len(ns) + 1),
+            "| Dice | "
+            + " | ".join(f"{np.mean(res['objects'][n]):.3f} +- {np.std(res['objects'][n]):.3f}" for n in ns)
+            + " |",
+        ]
+        fig, ax = plt.subplots(figsize=(4.5, 3.3))
+        ax.errorbar([int(n) for n in ns], [np.mean(res["objects"][n]) for n in ns],
+                    [np.std(res["objects"][n]) for n in ns], marker="o", capsize=3)  # fmt: skip
+        ax.set(xticks=[int(n) for n in ns], xlabel="objects asked at once N", ylabel="mean Dice", ylim=(0, 1))
+        lines += ["", f"![Objects]({save(fig, 'objects_asked.png')})", ""]
     path = s.out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

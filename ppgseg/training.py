@@ -193,7 +193,7 @@ def make_optimizer(model: nn.Module, lr: float = 0.01, momentum: float = 0.9, we
 
 def train_episodes(
     model: ProxyPromptSAM,
-    bank: EpisodeBank,
+    bank: EpisodeBank | Sequence[EpisodeBank],
     *,
     steps: int,
     num_support: int,
@@ -207,8 +207,10 @@ def train_episodes(
     """A plain loop over ``steps`` random episodes (the bundle's trainer runs the same step in ignite), by default
     with the Dice loss (paper Eq. 13); returns the losses. ``until`` (a ``time.monotonic()`` value) ends the loop
     early when reached; at least one step runs. ``progress`` names a progress bar (none when None). ``net`` turns
-    an episode into (logits, truth): `EpisodeNet` by default (`VideoEpisodeNet` for video episodes)."""
-    net = net or EpisodeNet(model, bank)
+    an episode into (logits, truth): `EpisodeNet` by default (`VideoEpisodeNet` for video episodes). ``bank`` may
+    be a list (several datasets or tasks, each with its own labels): each episode comes from one, drawn uniformly."""
+    banks = as_banks(bank)
+    net = net or EpisodeNet(model, banks)
     rng = np.random.default_rng(seed)
     optimizer = optimizer or make_optimizer(model)
     loss_fn = loss_fn or DiceLoss(sigmoid=True)
@@ -217,7 +219,8 @@ def train_episodes(
     for _ in tqdm(range(steps), desc=progress, leave=False, disable=progress is None):
         if losses and until is not None and time.monotonic() >= until:
             break
-        logits, truth = net(bank.draw(rng, num_support))
+        b = int(rng.integers(len(banks))) if len(banks) > 1 else 0
+        logits, truth = net({**banks[b].draw(rng, num_support), "bank": b})
         loss = loss_fn(logits, truth)
         optimizer.zero_grad()
         loss.backward()

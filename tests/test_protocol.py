@@ -41,3 +41,32 @@ def test_methods_are_checked(tmp_path):
         Settings(dataset=tmp_path, out=tmp_path, methods=("ppg", "clicks"))
     with pytest.raises(ValueError, match="loss must be one of"):
         Settings(dataset=tmp_path, out=tmp_path, loss="l2")
+
+
+def test_zero_training_evaluates_the_start_weights_as_they_are(tmp_path):
+    """--steps 0 with --ppg-checkpoint: the PPG is the checkpoint's, untouched, and the report says so."""
+    import torch
+
+    from ppgseg import build_model, save_ppg
+
+    data = write_family(tmp_path, "ultrasound", n_train=4, n_val=0, n_test=2, seed=2)
+    torch.manual_seed(5)
+    start = build_model("sam_tiny", "tiny", pretrained=False)
+    with torch.no_grad():
+        for p in start.generator.parameters():
+            p.add_(0.01)  # not what any seed builds
+    path = save_ppg(start, tmp_path / "start.pt")
+    s = Settings(
+        dataset=data, out=tmp_path / "report", backbone="sam_tiny", preset="tiny", ppg_checkpoint=str(path), steps=0,
+        test_support=2, draws=2, studies=("table1", "fig7", "objects"), methods=("ppg", "box"), train_sizes=(4,),
+        support_sizes=(1, 2, 4), overlays=1,
+    )  # fmt: skip
+    p = Protocol(s)
+    main = p.train(p.model(), 4)
+    for (name, a), b in zip(main.generator.state_dict().items(), start.generator.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    res = p.run()
+    assert set(res["fig7"]) == {"4,1", "4,2", "4,4"}
+    assert set(res["objects"]) == {"1", "2"} and all(len(v) == 2 for v in res["objects"].values())
+    text = p.write().read_text()
+    assert "No training" in text and "## Objects asked at once" in text and (s.out / "objects_asked.png").is_file()
