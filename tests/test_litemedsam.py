@@ -69,3 +69,53 @@ def test_presets_put_lora_where_they_say_on_litemedsam():
         assert in_decoder and all(".lora_" in n for n in in_decoder + in_encoder)
         assert bool(in_encoder) == encoder_lora
         assert len(in_encoder) == (2 * 10 if encoder_lora else 0)  # lora_A and lora_B on each of 10 TinyViT blocks
+
+
+@pytest.mark.parametrize(
+    "tasks, images, held, steps, gain",
+    [(3, 4, 2, 50, 0.05), pytest.param(4, 6, 3, 120, 0.1, marks=pytest.mark.slow)],
+    ids=["fast", "full"],
+)
+def test_short_training_on_random_tasks_raises_dice_on_held_out_tasks(tmp_path, tasks, images, held, steps, gain):
+    """The default-weights recipe in small: episodes from several generated tasks (each with its own parts) with the
+    paper's SGD raise Dice on tasks never seen in training, segmented from their own support masks (full: held-out
+    Dice 0.091 -> 0.235 in 5 min on 2 CPU cores; fast, in the default run: 0.121 -> 0.198 in 2.5 min)."""
+    from monai.losses import DiceCELoss
+
+    from ppgseg.data.contract import read_labels
+    from ppgseg.data.episodes import to_byte_range
+    from ppgseg.data.randomized import write_tasks
+    from ppgseg.training import make_optimizer
+    from ppgseg.workflows import split_samples
+
+    seen = write_tasks(tmp_path / "train", n_tasks=tasks, n_images=images, size=128, seed=0)
+    unseen = write_tasks(tmp_path / "held_out", n_tasks=held, n_images=3, n_test=3, size=128, seed=1)
+    torch.manual_seed(0)
+    model = build_model("litemedsam", "cpu", vim_dim=32, vim_depth=1, vim_coarsen=1, ccm_heads=4, ccm_ffn=256)
+    held_out = []  # per unseen task: support images and masks, the targets' encoder features and geometry, truth
+    for folder in unseen:
+        ids = list(read_labels(folder))
+        support, tests = split_samples(folder, "training"), split_samples(folder, "test")
+        images = torch.stack([to_byte_range(s.image) for s in support])
+        masks = torch.stack([s.masks(ids) for s in support])
+        x, geo = model.backbone.preprocess(torch.stack([to_byte_range(s.image) for s in tests]))
+        held_out.append((images, masks, model.encode_images(x), geo, torch.stack([s.masks(ids) for s in tests])))
+
+    def dice() -> float:
+        scores = []
+        with torch.no_grad():
+            for images, masks, features, geo, truth in held_out:
+                logits = model.segment_features(features, model.encode_support(images, masks))
+                pred = (model.backbone.postprocess(logits, geo) > 0).float()
+                scores.append(compute_dice(pred, truth, ignore_empty=True).flatten())
+        return float(np.nanmean(torch.cat(scores).numpy()))
+
+    before = dice()
+    banks = [EpisodeBank(model, split_samples(f, "training"), list(read_labels(f)), views=1) for f in seen]
+    losses = train_episodes(
+        model, banks, steps=steps, num_support=3, optimizer=make_optimizer(model), loss_fn=DiceCELoss(sigmoid=True)
+    )
+    after = dice()
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    print(f"held-out Dice {before:.3f} -> {after:.3f}")
+    assert after > before + gain, (before, after)
