@@ -7,6 +7,10 @@
    randomly initialised SAM ViT-B (``pretrained=False``: no checkpoint).
 3. scan_kernel: mamba-ssm's CUDA selective scan against the pure-PyTorch scan, forward and backward.
 4. video: scripts/check_video_gpu.py in a subprocess, its output in check_video_gpu.log.
+5. bundle: the bundle itself as a user runs it (`monai.bundle run training`, bundle/configs/train.json, the `cpu`
+   preset on LiteMedSAM) on a generated fundus-like family, once on --device and once on CPU from the same seed,
+   then `evaluate.json` with the device-trained weights: the validation Dice of each epoch on both, and the test
+   Dice, must be above 0 on the device. This is the path on which the one earlier GPU run gave Dice 0.000.
 
 Each part prints one PASS / FAIL / SKIP line; a failure does not stop the others. Everything printed goes to
 OUT/check_gpu.log and the numbers to OUT/check_gpu.json (rewritten after every part, so a run cut short keeps what
@@ -29,6 +33,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -372,6 +377,67 @@ def check_video(a: argparse.Namespace) -> tuple[str, str, dict]:
     return "PASS", lines[0], numbers
 
 
+# --- 5. the bundle's own training and evaluation ----------------------------------------------------------------
+VAL_DICE = re.compile(r"Epoch\[\d+\] Metrics -- val_mean_dice: ([0-9.]+)")
+
+
+def bundle_cli(args: list[str], log: Path, timeout: int) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    log.write_text(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def check_bundle(a: argparse.Namespace) -> tuple[str, str, dict]:
+    from ppgseg.data.demo import write_family
+
+    work = Path(tempfile.mkdtemp(prefix="bundle_check_"))  # data and weights stay out of OUT: only the logs go there
+    family = write_family(work, "fundus", n_train=8, n_val=2, n_test=4, seed=a.seed)
+    configs = ROOT / "bundle" / "configs"
+    size = ["--backbone", "sam_tiny", "--preset", "tiny"] if a.toy else []
+    epochs, episodes = (1, 3) if a.toy else (a.bundle_epochs, a.bundle_episodes)
+    common = ["--dataset_dir", str(family), "--episodes_per_epoch", str(episodes)]
+    common += ["--train#trainer#max_epochs", str(epochs), "--seed", str(a.seed), *size]
+    numbers: dict = {"family": "fundus", "train_pairs": 8, "epochs": epochs, "episodes_per_epoch": episodes}
+    for where in dict.fromkeys([a.device, "cpu"]):  # the device first; CPU as the reference
+        run = work / f"train_{where.replace(':', '_')}"
+        t = time.perf_counter()
+        proc = bundle_cli(
+            ["training", "--config_file", str(configs / "train.json"), "--output_dir", str(run),
+             "--device", f"$torch.device('{where}')", *common],
+            a.out / f"bundle_train_{where.replace(':', '_')}.log", a.bundle_timeout,
+        )  # fmt: skip
+        numbers[f"train_{where}"] = {
+            "returncode": proc.returncode,
+            "seconds": round(time.perf_counter() - t, 1),
+            "val_mean_dice_per_epoch": [float(v) for v in VAL_DICE.findall(proc.stdout + proc.stderr)],
+        }
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            return "FAIL", f"bundle training on {where} exited {proc.returncode}: {tail}", numbers
+    ckpt = work / f"train_{a.device.replace(':', '_')}" / "model.pt"
+    proc = bundle_cli(
+        ["--config_file", f"['{configs / 'train.json'}','{configs / 'evaluate.json'}']", "--dataset_dir",
+         str(family), "--output_dir", str(work / "evaluate"), "--ckpt_path", str(ckpt),
+         "--device", f"$torch.device('{a.device}')", *size],
+        a.out / "bundle_evaluate.log", a.bundle_timeout,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return "FAIL", f"bundle evaluation on {a.device} exited {proc.returncode}: {tail}", numbers
+    metrics = json.loads((work / "evaluate" / "metrics.json").read_text())
+    numbers["test_on_device"] = metrics
+    val_device = numbers[f"train_{a.device}"]["val_mean_dice_per_epoch"]
+    val_cpu = numbers["train_cpu"]["val_mean_dice_per_epoch"]
+    dice = {name: round(v, 3) for name, v in metrics["dice"].items()}
+    rounded = {k: [round(v, 3) for v in vals] for k, vals in ((a.device, val_device), ("cpu", val_cpu))}
+    seen = f"validation Dice per epoch {a.device} {rounded[a.device]}, cpu {rounded['cpu']}"
+    seen += f"; test Dice on {a.device} {dice}"
+    if not val_device or min(val_device) <= 0 or not all(v > 0 for v in metrics["dice"].values()):
+        return "FAIL", f"a Dice of 0 on {a.device}: {seen}", numbers
+    return "PASS", seen, numbers
+
+
 # --- the run ------------------------------------------------------------------------------------------------------
 def environment(a: argparse.Namespace) -> dict:
     env = {
@@ -399,7 +465,7 @@ def environment(a: argparse.Namespace) -> dict:
     return env
 
 
-PARTS = ("train", "throughput", "scan", "video")
+PARTS = ("train", "throughput", "scan", "video", "bundle")
 
 
 def main() -> None:
@@ -418,6 +484,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed episodes before the throughput (2; --toy: 1)")
     p.add_argument("--bench-episodes", type=int, default=None, help="timed episodes (10; --toy: 2)")
     p.add_argument("--video-timeout", type=int, default=240, help="seconds for check_video_gpu.py")
+    p.add_argument("--bundle-epochs", type=int, default=3, help="epochs of the bundle training (bundle part)")
+    p.add_argument("--bundle-episodes", type=int, default=40, help="episodes per epoch of the bundle training")
+    p.add_argument("--bundle-timeout", type=int, default=300, help="seconds for each bundle command")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     for key, full, toy in (("episodes", 50, 4), ("train_pairs", 12, 6), ("warmup", 2, 1), ("bench_episodes", 10, 2)):
@@ -444,6 +513,8 @@ def main() -> None:
         run_check(report, "scan_kernel", lambda: check_scan(a))
     if "video" in a.parts:
         run_check(report, "video", lambda: check_video(a))
+    if "bundle" in a.parts:
+        run_check(report, "bundle", lambda: check_bundle(a))
     report.data["total_seconds"] = round(time.perf_counter() - start, 1)
     report.save()
     summary = report.data["summary"]

@@ -28,7 +28,7 @@ def run(tmp_path_factory) -> dict:
 
 def test_every_part_reports_and_the_exit_status_follows(run) -> None:
     checks, proc = run["checks"], run["proc"]
-    expected = ["train_cpu_vs_device", "heldout_dice", "throughput_sam_tiny", "scan_kernel", "video"]
+    expected = ["train_cpu_vs_device", "heldout_dice", "throughput_sam_tiny", "scan_kernel", "video", "bundle"]
     assert list(checks) == expected, proc.stdout + proc.stderr
     log = (run["out"] / "check_gpu.log").read_text()
     for name, check in checks.items():
@@ -71,3 +71,11 @@ def test_video_steps_ran_with_their_own_log(run) -> None:
     assert c["status"] == "PASS", c["reason"]
     assert c["returncode"] == 0 and "--toy" not in c["command"] and "--image-size" in c["command"]
     assert (run["out"] / c["log"]).read_text().count("ok: 3 frames") == 1
+
+
+def test_the_bundle_trains_and_evaluates_through_its_own_configs(run) -> None:
+    c = run["checks"]["bundle"]
+    assert c["status"] == "PASS", c["reason"]
+    assert c["train_cpu"]["returncode"] == 0 and len(c["train_cpu"]["val_mean_dice_per_epoch"]) == c["epochs"]
+    assert set(c["test_on_device"]["dice"]) == {"optic_disc", "optic_cup", "vessel"}
+    assert (run["out"] / "bundle_train_cpu.log").read_text().count("Epoch[1] Metrics -- val_mean_dice") == 1
