@@ -223,6 +223,7 @@ def check_training(a: argparse.Namespace, state: dict) -> tuple[str, str, dict]:
         "abs_diff_per_step": diffs.tolist(),
         "rounding_controls": [
             {
+                "first_step_abs_diff": float(c[0]),
                 "mean_abs_diff": float(c.mean()),
                 "first_step_over_tolerance": first_over(c, atol),
                 "abs_diff_per_step": c.tolist(),
