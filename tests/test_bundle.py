@@ -265,3 +265,20 @@ def test_training_repeats_under_its_seed_and_records_it(demo, tmp_path):
         assert ckpt["seed"] == 7
         states.append(ckpt["state_dict"])
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_broad_training_config_gathers_demo_random_and_real_folders(tmp_path):
+    """configs/broad_weights.json: the demo families, every generated task folder found, then the real sets."""
+    from monai.bundle import ConfigParser
+
+    for name in ("task_001", "task_000", "notes"):
+        (tmp_path / "random" / name).mkdir(parents=True)
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(ROOT / "configs" / "broad_weights.json")])
+    parser["random_dir"] = str(tmp_path / "random")
+    parser["real_dirs"] = ["real/a", "real/b"]
+    dirs = parser.get_parsed_content("dataset_dirs")
+    random = [str(tmp_path / "random" / t) for t in ("task_000", "task_001")]
+    assert dirs == ["data/demo/fundus", "data/demo/ultrasound", "data/demo/ct", *random, "real/a", "real/b"]
+    parser["random_dir"] = str(tmp_path / "absent")
+    assert parser.get_parsed_content("dataset_dirs", lazy=False)[3:] == ["real/a", "real/b"]
