@@ -27,7 +27,7 @@ from monai.metrics import compute_dice
 from tqdm import tqdm
 
 from .backbones.base import Backbone
-from .baselines import BASELINES, METHODS, Method, Pairs, ProxyPrompt, Target
+from .baselines import BASELINES, METHODS, PPG_METHODS, Method, Pairs, ProxyPrompt, Target
 from .baselines.base import encode_each
 from .build import build_backbone, build_model
 from .data.contract import read_labels
@@ -217,8 +217,9 @@ class Protocol:
         plain, train, self.targets = self.comparison_data(main or self.model())
         out = {}
         for key in self.s.methods:
-            if key == "ppg":
-                out[key] = (ProxyPrompt(main), self.results.get("train_seconds", 0.0))
+            if key in PPG_METHODS:
+                method = ProxyPrompt(main, box_refine=key == "ppg_box")
+                out[key] = (method, self.results.get("train_seconds", 0.0))
                 continue
             kwargs = {"steps": self.s.finetune_steps} if key == "finetune" else {}
             method = BASELINES[key](plain, **kwargs)
@@ -277,14 +278,15 @@ class Protocol:
         main = None
         bar = tqdm(total=len(s.studies), desc="studies")
         comparison = {"table1", "fig4"} & set(s.studies)
-        if comparison and "ppg" in s.methods or {"table2", "routes", "fig7", "objects"} & set(s.studies):
+        uses_ppg = bool(set(PPG_METHODS) & set(s.methods))
+        if comparison and uses_ppg or {"table2", "routes", "fig7", "objects"} & set(s.studies):
             main = self.model()
             self.prepare(main)
             t = time.time()
             main = self.train(main, m_full)
             res["train_seconds"] = time.time() - t  # the episodes only, like the fine-tune's time
         if comparison:
-            self.compare(main if "ppg" in s.methods else None)
+            self.compare(main if uses_ppg else None)
             bar.update(len(comparison))
         if "table2" in s.studies:
             res["table2"] = {}

@@ -144,6 +144,8 @@ class ProxyPromptService:
             everywhere) is answered empty there without running the mask decoder (`ProxyPromptSAM.segment_features`).
             On a generated 100-slice CT study with three objects, 0.05 cut Auto Segmentation from 40 to 36 s and
             raised kidney Dice 0.80 -> 0.82 (liver unchanged); 0 decodes every object on every slice.
+        box_refine: each mask refined by a second decoder pass prompted with its own box
+            (`ProxyPromptSAM.refine_with_box`): one more decode per object and slice.
     """
 
     def __init__(
@@ -163,6 +165,7 @@ class ProxyPromptService:
         tile: int | None = None,
         encode_cache_bytes: int = 4 * 2**30,
         min_carried: float = 0.05,
+        box_refine: bool = False,
     ) -> None:
         if not 0 <= axis <= 2:
             raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
@@ -177,7 +180,7 @@ class ProxyPromptService:
         self.axis, self.support_slices, self.finetune_seconds = axis, support_slices, float(finetune_seconds)
         self.finetune_drawn_seconds = float(finetune_drawn_seconds)
         self.seed, self.memory, self.finetune_lr = seed, memory, finetune_lr
-        self.min_carried = float(min_carried)
+        self.min_carried, self.box_refine = float(min_carried), bool(box_refine)
         self.lock = threading.RLock()
         self._vectors: dict[str, Tensor] = self._load_vectors()
         self._shows: dict[str, set[int]] = {}
@@ -463,7 +466,7 @@ class ProxyPromptService:
             else:
                 label = segment_image(
                     self.model, image, embedding, support.label_ids, axis=self.axis, skip=skip, features=features,
-                    inferer=self.inferer, min_carried=self.min_carried,
+                    inferer=self.inferer, min_carried=self.min_carried, box_refine=self.box_refine,
                 )  # fmt: skip
             info["segment_seconds"] = round(time.monotonic() - start, 2)
         return label, info

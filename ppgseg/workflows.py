@@ -308,7 +308,8 @@ class FolderSegmenter:
     volumes are segmented slice by slice along ``axis`` and written as NIfTI. An input that cannot be read or
     segmented is reported and skipped; the others are still written. ``inferer`` runs the model on each image or
     slice (MONAI's `SimpleInferer` by default; `NativeTileInferer` segments images larger than the encoder input in
-    overlapping native-resolution tiles, the support cut into the same tiles and encoded once).
+    overlapping native-resolution tiles, the support cut into the same tiles and encoded once). ``box_refine``: each
+    mask refined by a second pass prompted with its own box (`ProxyPromptSAM.refine_with_box`).
     """
 
     def __init__(
@@ -319,8 +320,10 @@ class FolderSegmenter:
         axis: int = 2,
         chunk: int = 8,
         inferer: Inferer | None = None,
+        box_refine: bool = False,
     ) -> None:
         self.model, self.support, self.axis, self.chunk = model, support, axis, chunk
+        self.box_refine = box_refine
         self.inferer = inferer or SimpleInferer()
         self.loader = LoadImage(image_only=True, ensure_channel_first=True)
 
@@ -362,8 +365,9 @@ class FolderSegmenter:
     def segment_file(self, path: Path, output_dir: Path, embedding: SupportEmbedding) -> Path:
         image = read_image(path, self.loader)
         label = segment_image(
-            self.model, image, embedding, self.support.label_ids, axis=self.axis, chunk=self.chunk, inferer=self.inferer
-        )
+            self.model, image, embedding, self.support.label_ids, axis=self.axis, chunk=self.chunk,
+            inferer=self.inferer, box_refine=self.box_refine,
+        )  # fmt: skip
         return write_label(label, image, output_dir, stem(path), label_suffix(path, image))
 
 
@@ -401,18 +405,19 @@ def segment_image(
     inferer: Inferer | None = None,
     features: Features | None = None,
     min_carried: float = 0.0,
+    box_refine: bool = False,
 ) -> Tensor:
     """Label map (spatial shape of ``image``, uint8 label ids) of a 2D image or a 3D volume (C, *spatial) as read.
 
     2D images are segmented in file orientation (readers give (W, H)), as training sees them; volumes slice by slice
     along ``axis``, the support encoded once. Slices in ``skip`` are left 0 (the caller fills them). ``inferer``: see
     `label_slices`. ``features``: the encoder's features of every slice of a volume (`encode_slices`), computed
-    earlier; then only the PPG and the decoder run. ``min_carried``: see `ProxyPromptSAM.segment_features`."""
+    earlier; then only the PPG and the decoder run. ``min_carried``, ``box_refine``: see
+    `ProxyPromptSAM.segment_features`."""
     spatial = image.shape[1:]
+    options = {"chunk": chunk, "inferer": inferer, "min_carried": min_carried, "box_refine": box_refine}
     if len(spatial) == 2:
-        return label_slices(
-            model, as_slices(image, axis), embedding, label_ids, chunk=chunk, inferer=inferer, min_carried=min_carried
-        )[0].T
+        return label_slices(model, as_slices(image, axis), embedding, label_ids, **options)[0].T
     if len(spatial) != 3:
         raise ValueError(f"expected a 2D image or a 3D volume, got spatial shape {tuple(spatial)}")
     if not 0 <= axis <= 2:
@@ -424,8 +429,8 @@ def segment_image(
     out = torch.zeros((len(slices), *slices.shape[2:]), dtype=torch.uint8)
     if todo:
         out[todo] = label_slices(
-            model, slices[todo], embedding, label_ids, chunk=chunk, inferer=inferer, min_carried=min_carried,
-            features=None if features is None else features.select(todo),
+            model, slices[todo], embedding, label_ids, features=None if features is None else features.select(todo),
+            **options,
         )  # fmt: skip
     return out.movedim(0, axis)
 
@@ -462,26 +467,29 @@ def label_slices(
     inferer: Inferer | None = None,
     features: Features | None = None,
     min_carried: float = 0.0,
+    box_refine: bool = False,
 ) -> Tensor:
     """(Z, C, H, W) -> (Z, H, W) label map: at each pixel the label id of the most confident object with a positive
     logit, 0 where none is. ``inferer`` runs the model (MONAI's `SimpleInferer` by default; `NativeTileInferer`
     for native-resolution tiles). ``features``: the slices' encoder features, computed earlier (one pass only).
-    ``min_carried``: see `ProxyPromptSAM.segment_features`. LoRA adapters are merged while it runs (`merged_lora`)."""
+    ``min_carried``, ``box_refine``: see `ProxyPromptSAM.segment_features`. LoRA adapters are merged while it runs
+    (`merged_lora`)."""
     if features is not None and inferer is not None:
         raise ValueError("features computed earlier serve one pass over each slice, not an inferer's tiles")
     inferer = inferer or SimpleInferer()
     geo = model.backbone.geometry(tuple(slices.shape[-2:]))
     device = model.backbone.device
+    options = {"min_carried": min_carried, "box_refine": box_refine}
     out = []
     with torch.no_grad(), merged_lora(model):
         for start in range(0, len(slices), chunk):
             part = torch.stack([to_byte_range(s) for s in slices[start : start + chunk]])
             if features is None:
-                logits = inferer(part, lambda x: model.segment(x, embedding, min_carried=min_carried))
+                logits = inferer(part, lambda x: model.segment(x, embedding, **options))
             else:
                 f = features.select(slice(start, start + chunk))
                 f = Features(f.embed.to(device), tuple(h.to(device) for h in f.high_res))
-                logits = model.backbone.postprocess(model.segment_features(f, embedding, min_carried=min_carried), geo)
+                logits = model.backbone.postprocess(model.segment_features(f, embedding, **options), geo)
             out.append(to_label(logits.cpu(), label_ids))  # (z, N, H, W) logits
     return torch.cat(out)
 

@@ -122,7 +122,7 @@ def test_inference_keeps_size_and_geometry_of_volumes(demo, trained, tmp_path):
     bundle_run(
         "--config_file", str(CONFIGS / "inference.json"), "--support_dir", str(demo["ct"]), "--input_dir",
         str(inputs), "--output_dir", str(out), "--ckpt_path", str(trained / "model.pt"), "--num_support", "2",
-        "--objects", "['spleen','liver']", *TINY,
+        "--objects", "['spleen','liver']", "--box_refine", "true", *TINY,
     )  # fmt: skip
     pred = nib.load(out / "a.nii.gz")
     assert pred.shape == (80, 64, 10) and np.allclose(pred.affine, affine)

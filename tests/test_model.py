@@ -10,6 +10,7 @@ from ppgseg import build_model, load_ppg, save_ppg
 from ppgseg.backbones import build_sam_tiny
 from ppgseg.lora import add_lora, is_trainable, merged_lora
 from ppgseg.modeling.colorization import ContextualColorization, PooledContext
+from ppgseg.modeling.proxy_sam import mask_boxes
 from ppgseg.modeling.selective_map import MeanContext, SelectiveMap
 
 H, W = 96, 120  # not square and not the backbone's 128: exercises resize and padding
@@ -209,6 +210,55 @@ def test_min_carried_skips_only_objects_carried_nowhere(trained) -> None:
     torch.testing.assert_close(part[~skipped], full[~skipped], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(part_iou[~skipped], full_iou[~skipped], atol=1e-5, rtol=1e-5)
     assert bool((part[skipped] == -20).all()) and bool((part_iou[skipped] == 0).all())
+
+
+def test_mask_boxes_are_the_tight_boxes_of_each_mask() -> None:
+    masks = torch.zeros(2, 10, 12, dtype=torch.bool)
+    masks[0, 2:5, 3:9] = True
+    masks[1, 7, 0] = masks[1, 9, 11] = True
+    assert mask_boxes(masks).tolist() == [[3.0, 2.0, 9.0, 5.0], [0.0, 7.0, 12.0, 10.0]]
+
+
+def test_box_refine_averages_a_box_prompted_pass_and_keeps_empty_objects(trained) -> None:
+    """The second pass is the backbone prompted with the first pass's own box, exactly as the box baseline prompts
+    it; an object left empty by the first pass is returned untouched."""
+    model, _ = trained
+    images, masks = make_support(2, 2)
+    with torch.no_grad():
+        support = model.encode_support(images, masks)
+        features = model.encode_images(model.backbone.preprocess(make_targets(2))[0])
+        first = model.segment_features(features, support)
+        first[1, 1] = -5.0  # an object the first pass did not find
+        refined = model.refine_with_box(features, first)
+        assert torch.equal(refined[1, 1], first[1, 1])
+        b, n = 0, 0
+        found = first[b, n] > 0
+        assert bool(found.any())
+        box = mask_boxes(found[None]) * (model.backbone.img_size / first.shape[-1])
+        corners, _ = model.backbone.prompt_encoder(points=None, boxes=box, masks=None)
+        second = model.backbone.decode(features.select([b]), corners[:, None])[0, 0]
+        torch.testing.assert_close(refined[b, n], (first[b, n] + second) / 2)
+        plain = model.segment_features(features, support)
+        assert torch.equal(model.segment_features(features, support, box_refine=False), plain)
+        torch.testing.assert_close(
+            model.segment_features(features, support, box_refine=True), model.refine_with_box(features, plain)
+        )
+
+
+def test_label_slices_passes_box_refine_through(trained) -> None:
+    """The volume and folder paths (`segment_image` -> `label_slices`) refine exactly as `segment` does."""
+    from ppgseg.workflows import segment_image, to_label
+
+    model, _ = trained
+    images, masks = make_support(2, 2)
+    targets = make_targets(2)
+    with torch.no_grad():
+        support = model.encode_support(images, masks)
+        expected = to_label(model.segment(targets, support, box_refine=True), [1, 2])
+        plain = to_label(model.segment(targets, support), [1, 2])
+    volume = targets.permute(1, 2, 3, 0).float()  # (C, H, W, Z): slices along axis 2
+    got = segment_image(model, volume, support, [1, 2], axis=2, box_refine=True).permute(2, 0, 1)
+    assert torch.equal(got, expected) and not torch.equal(got, plain)
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------------

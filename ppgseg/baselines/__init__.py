@@ -9,7 +9,8 @@ from .persam import PerSAM
 from .ppg import ProxyPrompt
 from .prompted import BoxPrompt, OnePoint
 
-# name on the command line -> the method's class; "ppg" is built from the protocol's trained model
+# name on the command line -> the method's class; "ppg" and "ppg_box" (the same model with `refine_with_box`) are
+# built from the protocol's trained model
 BASELINES: dict[str, type[Method]] = {
     "box": BoxPrompt,
     "point": OnePoint,
@@ -17,9 +18,10 @@ BASELINES: dict[str, type[Method]] = {
     "medpersam": MedPerSAM,
     "finetune": DecoderFineTune,
 }
-METHODS = ("ppg", *BASELINES)
+PPG_METHODS = ("ppg", "ppg_box")
+METHODS = (*PPG_METHODS, *BASELINES)
 
 __all__ = [
-    "BASELINES", "METHODS", "BoxPrompt", "DecoderFineTune", "MedPerSAM", "Method", "OnePoint", "Pairs", "PerSAM",
-    "ProxyPrompt", "Target",
+    "BASELINES", "METHODS", "PPG_METHODS", "BoxPrompt", "DecoderFineTune", "MedPerSAM", "Method", "OnePoint", "Pairs",
+    "PerSAM", "ProxyPrompt", "Target",
 ]  # fmt: skip

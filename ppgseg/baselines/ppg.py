@@ -10,13 +10,14 @@ from .base import Method, Pairs, Target
 
 
 class ProxyPrompt(Method):
-    """PPG + the frozen backbone (with its LoRA): one model for all objects, the support set as prompt."""
+    """PPG + the frozen backbone (with its LoRA): one model for all objects, the support set as prompt. With
+    ``box_refine`` each mask is refined by a second pass prompted with its own box (`refine_with_box`): still no
+    input from the user on the target."""
 
-    name = "PPG (proxy prompt)"
-
-    def __init__(self, model: ProxyPromptSAM) -> None:
+    def __init__(self, model: ProxyPromptSAM, *, box_refine: bool = False) -> None:
         super().__init__(model.backbone)
-        self.model = model
+        self.model, self.box_refine = model, box_refine
+        self.name = "PPG + self-box" if box_refine else "PPG (proxy prompt)"
 
     def models_trained(self, num_objects: int) -> int:
         return 1
@@ -32,5 +33,5 @@ class ProxyPrompt(Method):
 
     @torch.no_grad()
     def predict(self, target: Target, seed: int = 0) -> Tensor:
-        low = self.model.segment_features(self._features(target), self.support)
+        low = self.model.segment_features(self._features(target), self.support, box_refine=self.box_refine)
         return self.backbone.postprocess(low, target.geo)

@@ -88,19 +88,33 @@ class ProxyPromptSAM(nn.Module):
 
     # --- targets ---------------------------------------------------------------------------------------------------
     def segment(
-        self, targets: Tensor, support: SupportEmbedding, *, with_iou: bool = False, min_carried: float = 0.0
+        self,
+        targets: Tensor,
+        support: SupportEmbedding,
+        *,
+        with_iou: bool = False,
+        min_carried: float = 0.0,
+        box_refine: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """(B, 1 or 3, H, W) targets as loaded -> (B, N, H, W) mask logits at the targets' size (and, with
-        ``with_iou``, the mask decoder's predicted IoU of each mask, (B, N)). ``min_carried``: see
+        ``with_iou``, the mask decoder's predicted IoU of each mask, (B, N)). ``min_carried``, ``box_refine``: see
         `segment_features`."""
         x, geo = self.backbone.preprocess(targets)
-        out = self.segment_features(self.encode_images(x), support, with_iou=with_iou, min_carried=min_carried)
+        out = self.segment_features(
+            self.encode_images(x), support, with_iou=with_iou, min_carried=min_carried, box_refine=box_refine
+        )
         if with_iou:
             return self.backbone.postprocess(out[0], geo), out[1]
         return self.backbone.postprocess(out, geo)
 
     def segment_features(
-        self, features: Features, support: SupportEmbedding, *, with_iou: bool = False, min_carried: float = 0.0
+        self,
+        features: Features,
+        support: SupportEmbedding,
+        *,
+        with_iou: bool = False,
+        min_carried: float = 0.0,
+        box_refine: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Backbone features of B targets -> (B, N, 4H, 4W) low-res logits in the padded input frame.
 
@@ -108,11 +122,41 @@ class ProxyPromptSAM(nn.Module):
         stays below ``min_carried`` in every cell: no target patch resembles the object's support patches) is
         answered as background (logit -20, IoU 0) without running the mask decoder for it, the costly part once the
         features are cached (one decode per object and target). Every other object is decoded as without it.
+
+        ``box_refine``: see `refine_with_box`; the IoU returned stays the first pass's.
         """
+        logits, iou = self._segment(features, support, min_carried)
+        if box_refine and self.route.uses_decoder:
+            logits = self.refine_with_box(features, logits)
+        return (logits, iou) if with_iou else logits
+
+    def refine_with_box(self, features: Features, low: Tensor) -> Tensor:
+        """A second, self-prompted pass: each object's mask from the first pass gives a box around it, the frozen
+        decoder is asked again with that box alone (the prompt SAM-family models, LiteMedSAM above all, were trained
+        with), and the two passes' logits are averaged. The proxy prompt finds the object; the box pass draws its
+        boundary as the backbone does for a user's box, with no user. An object the first pass left empty keeps it.
+
+        Args:
+            features: the targets' backbone features, batch B.
+            low: (B, N, s, s) first-pass low-res logits in the padded input frame.
+        """
+        found = low > 0
+        has = found.flatten(2).any(2)  # (B, N)
+        if not bool(has.any()):
+            return low
+        at, obj = has.nonzero(as_tuple=True)
+        boxes = mask_boxes(found[at, obj]) * (self.backbone.img_size / low.shape[-1])  # input-frame pixels
+        corners, _ = self.backbone.prompt_encoder(points=None, boxes=boxes, masks=None)  # (M, 2, C)
+        second = self.backbone.decode(features.select(at.tolist()), corners[:, None])  # (M, 1, s, s)
+        out = low.clone()
+        out[at, obj] = (low[at, obj] + second[:, 0]) / 2
+        return out
+
+    def _segment(self, features: Features, support: SupportEmbedding, min_carried: float) -> tuple[Tensor, Tensor]:
         tokens, coarse = self.generator(self.to_grid(features.embed), support)  # (B, N, T, C), (B, N, g, g)
         keep = coarse.flatten(2).amax(2) >= min_carried  # (B, N)
         if min_carried <= 0 or not self.route.uses_decoder or bool(keep.all()):
-            return self.route(self.backbone, features, tokens, coarse, with_iou=with_iou)
+            return self.route(self.backbone, features, tokens, coarse, with_iou=True)
         b, n = keep.shape
         side = 4 * features.embed.shape[-1]
         logits, iou = coarse.new_full((b, n, side, side), -20.0), coarse.new_zeros(b, n)
@@ -123,11 +167,22 @@ class ProxyPromptSAM(nn.Module):
                 with_iou=True,
             )  # fmt: skip
             logits[at, obj], iou[at, obj] = out[:, 0], score[:, 0]
-        return (logits, iou) if with_iou else logits
+        return logits, iou
 
     def forward(self, targets: Tensor, support_images: Tensor, support_masks: Tensor) -> Tensor:
         """Uncached: encode the support set and segment the targets in one call."""
         return self.segment(targets, self.encode_support(support_images, support_masks))
+
+
+def mask_boxes(masks: Tensor) -> Tensor:
+    """(M, h, w) non-empty boolean masks -> (M, 4) xyxy boxes in pixels (the far edges exclusive)."""
+    rows, cols = masks.any(2), masks.any(1)  # (M, h), (M, w)
+    ys = torch.arange(masks.shape[1], device=masks.device).expand_as(rows)
+    xs = torch.arange(masks.shape[2], device=masks.device).expand_as(cols)
+    far = max(masks.shape[1:])
+    y0, y1 = torch.where(rows, ys, far).amin(1), torch.where(rows, ys, -1).amax(1) + 1
+    x0, x1 = torch.where(cols, xs, far).amin(1), torch.where(cols, xs, -1).amax(1) + 1
+    return torch.stack([x0, y0, x1, y1], 1).float()
 
 
 def check_support(images: Tensor, masks: Tensor) -> None:

@@ -35,6 +35,7 @@ DEFAULTS = {
     "tile": None,  # segment in native-resolution tiles of this side (e.g. 256 for fundus vessels); default: one pass
     "encode_cache_gb": "4",  # disk for encoder features of studies encoded ahead of need (0: off)
     "min_carried": "0.05",  # an object the support carries nowhere on a slice is left empty there, undecoded (0: off)
+    "box_refine": "false",  # refine each mask by a second decoder pass prompted with its own box ("true": on)
     "seed": "0",
 }
 MODELS = ("proxy_prompt",)
@@ -125,6 +126,9 @@ class ProxyPromptConfig:
                 "--conf num_support, support_slices, axis, finetune_seconds, finetune_lr, seed, tile, encode_cache_gb, "
                 f"min_carried: not a number ({err})"
             ) from err
+        if str(c["box_refine"]).lower() not in ("true", "false"):
+            raise ValueError(f"--conf box_refine: 'true' or 'false', got {c['box_refine']!r}")
+        self.box_refine = str(c["box_refine"]).lower() == "true"
         self.explicit_ppg = Path(c["ppg_checkpoint"]) if c["ppg_checkpoint"] else None
         self.model_dir = self.app_dir / "model"
         self.trained = self.model_dir / "proxy_prompt.pt"  # what the train task writes
@@ -173,6 +177,7 @@ class ProxyPromptConfig:
                     encode_cache_bytes=self.encode_cache_bytes,
                     tile=self.tile,
                     min_carried=self.min_carried,
+                    box_refine=self.box_refine,
                 )
             elif version != self._loaded and path is not None:
                 with self._service.lock:
