@@ -69,3 +69,20 @@ def merged_lora(model: nn.Module) -> Iterator[None]:
             if m.merged:
                 m.unmerge()
             m.get_base_layer().weight.copy_(weight)
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """The backbone as it shipped: every LoRA adapter off (peft's ``enable_adapters(False)``; a merged one is
+    unmerged by peft first), each restored to its state on exit."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    enabled = [not m.disable_adapters for m in layers]
+    try:
+        for m in layers:
+            m.enable_adapters(False)
+        yield
+    finally:
+        for m, on in zip(layers, enabled, strict=True):
+            m.enable_adapters(on)

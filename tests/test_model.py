@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ppgseg import build_model, load_ppg, save_ppg
 from ppgseg.backbones import build_sam_tiny
-from ppgseg.lora import add_lora, is_trainable, merged_lora
+from ppgseg.lora import add_lora, is_trainable, lora_disabled, merged_lora
 from ppgseg.modeling.colorization import ContextualColorization, PooledContext
 from ppgseg.modeling.proxy_sam import mask_boxes
 from ppgseg.modeling.selective_map import MeanContext, SelectiveMap
@@ -236,8 +236,11 @@ def test_box_refine_averages_a_box_prompted_pass_and_keeps_empty_objects(trained
         assert bool(found.any())
         box = mask_boxes(found[None]) * (model.backbone.img_size / first.shape[-1])
         corners, _ = model.backbone.prompt_encoder(points=None, boxes=box, masks=None)
-        second = model.backbone.decode(features.select([b]), corners[:, None])[0, 0]
+        with lora_disabled(model):
+            second = model.backbone.decode(features.select([b]), corners[:, None])[0, 0]
         torch.testing.assert_close(refined[b, n], (first[b, n] + second) / 2)
+        with_lora = model.backbone.decode(features.select([b]), corners[:, None])[0, 0]
+        assert not torch.allclose(second, with_lora)  # the trained adapters are really off for the box pass
         plain = model.segment_features(features, support)
         assert torch.equal(model.segment_features(features, support, box_refine=False), plain)
         torch.testing.assert_close(

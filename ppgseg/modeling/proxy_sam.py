@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.base import Backbone, Features
+from ..lora import lora_disabled
 from .generator import ProxyPromptGenerator, SupportEmbedding
 from .prompt_route import PromptRoute
 
@@ -131,10 +132,11 @@ class ProxyPromptSAM(nn.Module):
         return (logits, iou) if with_iou else logits
 
     def refine_with_box(self, features: Features, low: Tensor) -> Tensor:
-        """A second, self-prompted pass: each object's mask from the first pass gives a box around it, the frozen
-        decoder is asked again with that box alone (the prompt SAM-family models, LiteMedSAM above all, were trained
-        with), and the two passes' logits are averaged. The proxy prompt finds the object; the box pass draws its
-        boundary as the backbone does for a user's box, with no user. An object the first pass left empty keeps it.
+        """A second, self-prompted pass: each object's mask from the first pass gives a box around it, the backbone
+        as it shipped (LoRA adapters off, as the box baseline runs it) is asked again with that box alone (the prompt
+        SAM-family models, LiteMedSAM above all, were trained with), and the two passes' logits are averaged. The
+        proxy prompt finds the object; the box pass draws its boundary as the backbone does for a user's box, with no
+        user. An object the first pass left empty keeps it.
 
         Args:
             features: the targets' backbone features, batch B.
@@ -147,7 +149,8 @@ class ProxyPromptSAM(nn.Module):
         at, obj = has.nonzero(as_tuple=True)
         boxes = mask_boxes(found[at, obj]) * (self.backbone.img_size / low.shape[-1])  # input-frame pixels
         corners, _ = self.backbone.prompt_encoder(points=None, boxes=boxes, masks=None)  # (M, 2, C)
-        second = self.backbone.decode(features.select(at.tolist()), corners[:, None])  # (M, 1, s, s)
+        with lora_disabled(self.backbone):
+            second = self.backbone.decode(features.select(at.tolist()), corners[:, None])  # (M, 1, s, s)
         out = low.clone()
         out[at, obj] = (low[at, obj] + second[:, 0]) / 2
         return out
