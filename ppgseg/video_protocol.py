@@ -19,7 +19,7 @@ from monai.metrics import compute_dice
 from torch import Tensor
 from tqdm import tqdm
 
-from .baselines.base import mask_box
+from .backbones.base import mask_box
 from .baselines.video import box_points, first_frame_pass, mask_prompt_pass, pseudo_box_pass
 from .build import build_model
 from .data.contract import read_labels

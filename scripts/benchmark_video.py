@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice
 
-from ppgseg.baselines.base import mask_box
+from ppgseg.backbones.base import mask_box
 from ppgseg.baselines.video import first_frame_box_pass, mask_prompt_pass, pseudo_box_pass
 from ppgseg.data.demo import ultrasound_video
 from ppgseg.video_protocol import video_model

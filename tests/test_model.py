@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from ppgseg import build_model, load_ppg, save_ppg
 from ppgseg.backbones import build_sam_tiny
+from ppgseg.backbones.base import mask_box
 from ppgseg.lora import add_lora, is_trainable, lora_disabled, merged_lora
 from ppgseg.modeling.colorization import ContextualColorization, PooledContext
-from ppgseg.modeling.proxy_sam import mask_boxes
 from ppgseg.modeling.selective_map import MeanContext, SelectiveMap
 
 H, W = 96, 120  # not square and not the backbone's 128: exercises resize and padding
@@ -212,11 +212,12 @@ def test_min_carried_skips_only_objects_carried_nowhere(trained) -> None:
     assert bool((part[skipped] == -20).all()) and bool((part_iou[skipped] == 0).all())
 
 
-def test_mask_boxes_are_the_tight_boxes_of_each_mask() -> None:
+def test_mask_box_is_the_tight_box_of_a_mask() -> None:
     masks = torch.zeros(2, 10, 12, dtype=torch.bool)
     masks[0, 2:5, 3:9] = True
     masks[1, 7, 0] = masks[1, 9, 11] = True
-    assert mask_boxes(masks).tolist() == [[3.0, 2.0, 9.0, 5.0], [0.0, 7.0, 12.0, 10.0]]
+    assert [mask_box(m).tolist() for m in masks] == [[3.0, 2.0, 9.0, 5.0], [0.0, 7.0, 12.0, 10.0]]
+    assert mask_box(torch.zeros(4, 4)) is None
 
 
 def test_box_refine_averages_a_box_prompted_pass_and_keeps_empty_objects(trained) -> None:
@@ -234,7 +235,7 @@ def test_box_refine_averages_a_box_prompted_pass_and_keeps_empty_objects(trained
         b, n = 0, 0
         found = first[b, n] > 0
         assert bool(found.any())
-        box = mask_boxes(found[None]) * (model.backbone.img_size / first.shape[-1])
+        box = mask_box(found)[None] * (model.backbone.img_size / first.shape[-1])
         corners, _ = model.backbone.prompt_encoder(points=None, boxes=box, masks=None)
         with lora_disabled(model):
             second = model.backbone.decode(features.select([b]), corners[:, None])[0, 0]

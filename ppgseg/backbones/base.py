@@ -36,6 +36,14 @@ class Geometry:
     resized: tuple[int, int]
 
 
+def mask_box(mask: Tensor) -> Tensor | None:
+    """(H, W) binary mask -> its bounding box (4,) xyxy in pixel edges, or None when empty."""
+    ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
+    if len(ys) == 0:
+        return None
+    return torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+
+
 def to_unit_range(images: Tensor) -> Tensor:
     """Images as loaded -> float in [0, 1].
 

@@ -149,14 +149,6 @@ def input_scale(geo: Geometry) -> Tensor:
     return torch.tensor([geo.resized[1] / geo.original[1], geo.resized[0] / geo.original[0]])
 
 
-def mask_box(mask: Tensor) -> Tensor | None:
-    """(H, W) binary mask -> its bounding box (4,) xyxy in pixel edges, or None when empty."""
-    ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
-    if len(ys) == 0:
-        return None
-    return torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
-
-
 def downsample(masks: Tensor, size: int) -> Tensor:
     """(..., S, S) masks -> (..., size, size) area fractions."""
     lead = masks.shape[:-2]

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backbones.base import Backbone
-from .base import Method, Pairs, Target, cell_centres, downsample, mask_box
+from ..backbones.base import Backbone, mask_box
+from .base import Method, Pairs, Target, cell_centres, downsample
 from .persam import prototypes, similarity
 from .registration import PairRegistration
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Method, Pairs, Target, cell_centres, component_at, downsample, mask_box, valid_grid
+from ..backbones.base import mask_box
+from .base import Method, Pairs, Target, cell_centres, component_at, downsample, valid_grid
 
 
 class Prototypes(NamedTuple):

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Method, Target, input_scale, mask_box
+from ..backbones.base import mask_box
+from .base import Method, Target, input_scale
 
 
 class HumanPrompt(Method):

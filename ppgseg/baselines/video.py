@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..backbones.base import mask_box
 from ..modeling.proxy_sam2_video import Frames, ProxyPromptVideo, VideoSupport
-from .base import mask_box
 
 
 def box_points(boxes: Tensor) -> dict:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones.base import Backbone, Features
+from ..backbones.base import Backbone, Features, mask_box
 from ..lora import lora_disabled
 from .generator import ProxyPromptGenerator, SupportEmbedding
 from .prompt_route import PromptRoute
@@ -147,7 +147,7 @@ class ProxyPromptSAM(nn.Module):
         if not bool(has.any()):
             return low
         at, obj = has.nonzero(as_tuple=True)
-        boxes = mask_boxes(found[at, obj]) * (self.backbone.img_size / low.shape[-1])  # input-frame pixels
+        boxes = torch.stack([mask_box(m) for m in found[at, obj]]) * (self.backbone.img_size / low.shape[-1])
         corners, _ = self.backbone.prompt_encoder(points=None, boxes=boxes, masks=None)  # (M, 2, C)
         with lora_disabled(self.backbone):
             second = self.backbone.decode(features.select(at.tolist()), corners[:, None])  # (M, 1, s, s)
@@ -175,17 +175,6 @@ class ProxyPromptSAM(nn.Module):
     def forward(self, targets: Tensor, support_images: Tensor, support_masks: Tensor) -> Tensor:
         """Uncached: encode the support set and segment the targets in one call."""
         return self.segment(targets, self.encode_support(support_images, support_masks))
-
-
-def mask_boxes(masks: Tensor) -> Tensor:
-    """(M, h, w) non-empty boolean masks -> (M, 4) xyxy boxes in pixels (the far edges exclusive)."""
-    rows, cols = masks.any(2), masks.any(1)  # (M, h), (M, w)
-    ys = torch.arange(masks.shape[1], device=masks.device).expand_as(rows)
-    xs = torch.arange(masks.shape[2], device=masks.device).expand_as(cols)
-    far = max(masks.shape[1:])
-    y0, y1 = torch.where(rows, ys, far).amin(1), torch.where(rows, ys, -1).amax(1) + 1
-    x0, x1 = torch.where(cols, xs, far).amin(1), torch.where(cols, xs, -1).amax(1) + 1
-    return torch.stack([x0, y0, x1, y1], 1).float()
 
 
 def check_support(images: Tensor, masks: Tensor) -> None:
