@@ -73,16 +73,19 @@ def merged_lora(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module) -> Iterator[None]:
-    """The backbone as it shipped: every LoRA adapter off (peft's ``enable_adapters(False)``; a merged one is
-    unmerged by peft first), each restored to its state on exit."""
+    """The backbone as it shipped: every LoRA adapter off (peft's ``enable_adapters(False)``; peft unmerges a
+    merged one when it next runs), each restored to its state on exit, merged again where it was (inside `merged_lora`,
+    which restores the base weights bit for bit at its own exit)."""
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    enabled = [not m.disable_adapters for m in layers]
+    states = [(not m.disable_adapters, m.merged) for m in layers]
     try:
         for m in layers:
             m.enable_adapters(False)
         yield
     finally:
-        for m, on in zip(layers, enabled, strict=True):
+        for m, (on, merged) in zip(layers, states, strict=True):
             m.enable_adapters(on)
+            if merged and not m.merged:
+                m.merge()

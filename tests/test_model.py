@@ -192,6 +192,28 @@ def test_merged_lora_same_output_and_weights_restored(trained) -> None:
         pass
 
 
+def test_lora_disabled_inside_merged_lora_merges_again_on_exit(trained) -> None:
+    """The self-box pass turns the adapters off inside `label_slices`' `merged_lora`: the slices after it still run
+    merged, computing what they computed before it, and the weights are restored bit for bit at the end."""
+    from peft.tuners.lora import LoraLayer
+
+    model, _ = trained
+    images, masks = make_support(2, 2)
+    targets = make_targets(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    with torch.no_grad():
+        support = model.encode_support(images, masks)
+        with merged_lora(model):
+            first = model.segment(targets, support)
+            with lora_disabled(model.backbone):
+                model.segment(targets, support)  # peft unmerges a disabled layer when it runs
+                assert not any(m.merged for m in model.backbone.modules() if isinstance(m, LoraLayer))
+            assert all(m.merged for m in layers)
+            torch.testing.assert_close(model.segment(targets, support), first, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
 def test_min_carried_skips_only_objects_carried_nowhere(trained) -> None:
     """Objects below the threshold get background without a decode; every other one is decoded as before."""
     model, _ = trained
