@@ -1,9 +1,12 @@
 """Native-resolution tiles against one down-scaled pass, with and without training, on a data-contract folder.
 
-Rows: the given weights (default: the bundle's) with no training, in one pass and in tiles; then the same weights
-trained --steps episodes on the first --train-pairs training pairs, whole (one pass) or cut into tiles. K supports
-from the training split (cut into the same tiles where the targets are), every test image; Dice per object (MONAI).
-Also the seconds per test image of each way, measured in this run. Writes a markdown table and results.json.
+Rows, for each way of passing an image (--passes: 0 = one down-scaled pass, T = tiles of T pixels): the given weights
+(default: the bundle's) with no training (unless --trained-only); then the same weights trained --steps episodes on the
+first --train-pairs training pairs, cut into the same tiles. A tile smaller than the encoder's input is magnified to
+it (128-pixel tiles into LiteMedSAM's 256: twice native resolution, for structures thinner than its 4-pixel feature
+cells). K supports from the training split (cut into the same tiles as the targets), every test image; Dice per
+object (MONAI). Also the seconds per test image of each way, measured in this run. Writes a markdown table and
+tiles.json.
 """
 
 from __future__ import annotations
@@ -51,7 +54,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--ppg-checkpoint", default="bundle/models/model.pt", help="start weights ('none': from scratch)")
     p.add_argument("--prompt", default="transfer")
-    p.add_argument("--tile", type=int, default=256, help="tile side in pixels (LiteMedSAM's input: 256)")
+    p.add_argument(
+        "--passes", type=int, nargs="+", default=[0, 256], help="0: one pass; T: tiles of T pixels (encoder input: 256)"
+    )
+    p.add_argument("--trained-only", action="store_true", help="leave out the rows with no training")
     p.add_argument("--train-pairs", type=int, default=16)
     p.add_argument("--support", type=int, default=4)
     p.add_argument("--steps", type=int, default=200)
@@ -73,11 +79,16 @@ def main() -> None:
 
     rows = {}
     base = model()
-    for tile in (None, a.tile):
-        key = f"{'start weights' if ckpt else 'untrained'}, {'tiles' if tile else 'one pass'}"
+    passes = [t or None for t in a.passes]
+
+    def way(tile: int | None) -> str:
+        return f"tiles of {tile}" if tile else "one pass"
+
+    for tile in [] if a.trained_only else passes:
+        key = f"{'start weights' if ckpt else 'untrained'}, {way(tile)}"
         rows[key] = evaluate(base, support, tests, ids, tile)
         print(key, rows[key], flush=True)
-    for tile in (None, a.tile):
+    for tile in passes:
         m = model()
         samples = tile_samples(train, tile) if tile else train
         bank = EpisodeBank(m, samples, ids, views=a.views, seed=a.seed)
@@ -92,13 +103,13 @@ def main() -> None:
             loss_fn=LOSSES[a.loss](sigmoid=True),
             progress=f"training, tile {tile}",
         )
-        key = f"trained {a.steps} episodes on {len(train)} pairs, {'tiles' if tile else 'one pass'}"
+        key = f"trained {a.steps} episodes on {len(train)} pairs, {way(tile)}"
         rows[key] = evaluate(m, support, tests, ids, tile)
         print(key, rows[key], f"({time.time() - t:.0f} s training)", flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "tiles.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}))
     lines = [
-        f"| {a.dataset.name}, K = {a.support}, tile {a.tile} | " + " | ".join(names) + " | s / image |",
+        f"| {a.dataset.name}, K = {a.support} | " + " | ".join(names) + " | s / image |",
         "|" + "---|" * (len(names) + 2),
     ]
     lines += [f"| {k} | " + " | ".join(f"{d:.3f}" for d in v[0]) + f" | {v[1]:.2f} |" for k, v in rows.items()]
