@@ -34,7 +34,7 @@ from .data.contract import read_labels
 from .data.episodes import to_byte_range
 from .modeling.prompt_route import ROUTES
 from .modeling.proxy_sam import ProxyPromptSAM
-from .training import EpisodeBank, make_optimizer, train_episodes
+from .training import OPTIMIZERS, EpisodeBank, make_optimizer, train_episodes
 from .workflows import split_samples
 
 # the paper's Dice loss (Eq. 13), or Dice + BCE: with Dice alone a route whose first masks are all background can
@@ -68,6 +68,8 @@ class Settings:
     train_pairs: int | None = None
     test_images: int | None = None
     loss: str = "dice"
+    optimizer: str = "sgd"
+    lr: float | None = None
     steps: int = 150
     train_support: int = 4
     test_support: int = 4
@@ -87,6 +89,8 @@ class Settings:
             raise ValueError(f"methods must be among {list(METHODS)}, got {list(self.methods)}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
 
 class Protocol:
@@ -140,7 +144,7 @@ class Protocol:
             return model
         bank = self.bank.subset(list(range(min(m, len(self.bank)))))
         k = min(self.s.train_support, m - 1)
-        optimizer = make_optimizer(model)
+        optimizer = make_optimizer(model, lr=self.s.lr, kind=self.s.optimizer)
         train_episodes(
             model, bank, steps=self.s.steps, num_support=k, optimizer=optimizer, seed=self.s.seed,
             progress=f"PPG on {m} pairs", loss_fn=LOSSES[self.s.loss](sigmoid=True),

@@ -17,6 +17,12 @@ if TYPE_CHECKING:
 LOSS_NAMES = {"dice": "Dice", "dicece": "Dice + BCE"}
 
 
+def optimizer_name(s) -> str:
+    """How the report names a run's optimiser: the paper's SGD, or AdamW, with the learning rate where it was set."""
+    name = "paper SGD" if s.optimizer == "sgd" else "AdamW"
+    return f"{name}, lr {s.lr:g}" if s.lr is not None else name
+
+
 def _table(
     names: list[str], rows: list[tuple[str, list[float]]], extra: dict[str, list[str]] | None = None, first: str = ""
 ) -> list[str]:
@@ -51,7 +57,7 @@ def write_report(p: Protocol) -> Path:
         f"Dataset `{s.dataset}`: {len(p.train_samples)} training and {len(p.test_samples)} test samples, "
         f"objects {', '.join(names)}. Backbone `{s.backbone}`, preset `{s.preset}`, prompt route `{s.prompt}`. "
         + (
-            f"Each PPG model trains {s.steps} episodes (paper SGD, {LOSS_NAMES[s.loss]} loss) with up to "
+            f"Each PPG model trains {s.steps} episodes ({optimizer_name(s)}, {LOSS_NAMES[s.loss]} loss) with up to "
             f"{s.train_support} supports per episode and {s.views} augmentation views, "
             if s.steps
             else "No training: the PPG runs with its start weights as they are, the training split serves only as "

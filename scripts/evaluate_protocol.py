@@ -10,6 +10,7 @@ from pathlib import Path
 from ppgseg.baselines import METHODS
 from ppgseg.modeling.prompt_route import ROUTES
 from ppgseg.protocol import Protocol, Settings
+from ppgseg.training import OPTIMIZERS
 
 
 def main() -> None:
@@ -29,6 +30,8 @@ def main() -> None:
     p.add_argument("--train-pairs", type=int, default=None, help="use the first N pairs of the training split")
     p.add_argument("--test-images", type=int, default=None, help="use the first N images of the test split")
     p.add_argument("--loss", default="dice", choices=["dice", "dicece"], help="PPG training loss (paper: dice)")
+    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="PPG optimiser (paper: sgd)")
+    p.add_argument("--lr", type=float, default=None, help="its learning rate (default: SGD 0.01, AdamW 1e-3)")
     p.add_argument("--steps", type=int, default=150, help="training episodes per model")
     p.add_argument("--train-support", type=int, default=4, help="supports per training episode (paper: M - 1)")
     p.add_argument("--test-support", type=int, default=4)
@@ -50,7 +53,7 @@ def main() -> None:
     settings = Settings(
         dataset=a.dataset, out=a.out, backbone=a.backbone, preset=a.preset, checkpoint=a.checkpoint, prompt=a.prompt,
         ppg_checkpoint=a.ppg_checkpoint, train_pairs=a.train_pairs,
-        test_images=a.test_images, loss=a.loss, steps=a.steps,
+        test_images=a.test_images, loss=a.loss, optimizer=a.optimizer, lr=a.lr, steps=a.steps,
         train_support=a.train_support, test_support=a.test_support, views=a.views, draws=a.draws,
         train_sizes=tuple(a.train_sizes), support_sizes=tuple(a.support_sizes), studies=tuple(a.studies),
         methods=tuple(a.methods), finetune_steps=a.finetune_steps, overlays=a.overlays, seed=a.seed,

@@ -25,7 +25,7 @@ from ppgseg.data.contract import read_labels
 from ppgseg.data.episodes import to_byte_range
 from ppgseg.protocol import LOSSES
 from ppgseg.tiling import segment_tiled, tile_pairs, tile_samples
-from ppgseg.training import EpisodeBank, make_optimizer, train_episodes
+from ppgseg.training import OPTIMIZERS, EpisodeBank, make_optimizer, train_episodes
 from ppgseg.workflows import split_samples
 
 
@@ -63,6 +63,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--views", type=int, default=2)
     p.add_argument("--loss", choices=sorted(LOSSES), default="dicece")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="sgd: the paper's")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: SGD 0.01, AdamW 1e-3)")
     p.add_argument("--max-test", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
@@ -98,12 +100,12 @@ def main() -> None:
             bank,
             steps=a.steps,
             num_support=a.support,
-            optimizer=make_optimizer(m),
+            optimizer=make_optimizer(m, lr=a.lr, kind=a.optimizer),
             seed=a.seed,
             loss_fn=LOSSES[a.loss](sigmoid=True),
             progress=f"training, tile {tile}",
         )
-        key = f"trained {a.steps} episodes on {len(train)} pairs, {way(tile)}"
+        key = f"trained {a.steps} episodes ({a.optimizer}) on {len(train)} pairs, {way(tile)}"
         rows[key] = evaluate(m, support, tests, ids, tile)
         print(key, rows[key], f"({time.time() - t:.0f} s training)", flush=True)
     a.out.mkdir(parents=True, exist_ok=True)

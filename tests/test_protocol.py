@@ -14,10 +14,12 @@ def test_tiny_protocol_writes_every_section(tmp_path):
     s = Settings(
         dataset=data, out=tmp_path / "report", backbone="sam_tiny", preset="tiny", steps=2, train_support=2,
         test_support=2, views=2, draws=2, train_sizes=(2, 4), support_sizes=(1, 2, 4), finetune_steps=2, overlays=2,
+        optimizer="adamw", lr=1e-3,
     )  # fmt: skip
     p = Protocol(s)
     res = p.run()
     text = p.write().read_text()
+    assert "trains 2 episodes (AdamW, lr 0.001, Dice loss)" in text
     for heading in ("## Table 1", "### Latency", "## Table 2", "## Prompt routes", "## Fig. 7", "## Fig. 4"):
         assert heading in text
     methods = res["methods"]
@@ -41,6 +43,22 @@ def test_methods_are_checked(tmp_path):
         Settings(dataset=tmp_path, out=tmp_path, methods=("ppg", "clicks"))
     with pytest.raises(ValueError, match="loss must be one of"):
         Settings(dataset=tmp_path, out=tmp_path, loss="l2")
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        Settings(dataset=tmp_path, out=tmp_path, optimizer="adam")
+
+
+def test_optimizers_are_the_paper_sgd_and_adamw():
+    import pytest
+    import torch
+
+    from ppgseg.training import make_optimizer
+
+    net = torch.nn.Linear(2, 2)
+    sgd, adamw = make_optimizer(net), make_optimizer(net, lr=3e-3, kind="adamw")
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["lr"] == 0.01 and sgd.defaults["momentum"] == 0.9
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["lr"] == 3e-3
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        make_optimizer(net, kind="adam")
 
 
 def test_zero_training_evaluates_the_start_weights_as_they_are(tmp_path):
