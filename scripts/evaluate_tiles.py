@@ -1,12 +1,11 @@
 """Native-resolution tiles against one down-scaled pass, with and without training, on a data-contract folder.
 
-Rows, for each way of passing an image (--passes: 0 = one down-scaled pass, T = tiles of T pixels): the given weights
-(default: the bundle's) with no training (unless --trained-only); then the same weights trained --steps episodes on the
-first --train-pairs training pairs, cut into the same tiles. A tile smaller than the encoder's input is magnified to
-it (128-pixel tiles into LiteMedSAM's 256: twice native resolution, for structures thinner than its 4-pixel feature
-cells). K supports from the training split (cut into the same tiles as the targets), every test image; Dice per
-object (MONAI). Also the seconds per test image of each way, measured in this run. Writes a markdown table and
-tiles.json.
+Rows, for each way of passing an image (--passes: 0 = one down-scaled pass, T = tiles of T pixels; a tile smaller
+than the encoder's input is magnified to it): the given weights (default: the bundle's) with no training (unless
+--trained-only); the same weights trained --steps episodes on the first --train-pairs training pairs, cut into the
+same tiles; and (--finetune-steps) the decoder fine-tune peer trained on the same tiles. K supports from the training
+split (cut into the same tiles as the targets), every test image; Dice per object (MONAI). Also the seconds per test
+image of each way, measured in this run. Writes a markdown table and tiles.json.
 """
 
 from __future__ import annotations
@@ -21,31 +20,52 @@ import torch
 from monai.metrics import compute_dice
 
 from ppgseg import build_model
+from ppgseg.baselines import DecoderFineTune, Pairs
+from ppgseg.baselines.base import Target
+from ppgseg.build import build_backbone
 from ppgseg.data.contract import read_labels
 from ppgseg.data.episodes import to_byte_range
 from ppgseg.protocol import LOSSES
-from ppgseg.tiling import segment_tiled, tile_pairs, tile_samples
+from ppgseg.tiling import NativeTileInferer, segment_tiled, tile_pairs, tile_samples
 from ppgseg.training import OPTIMIZERS, EpisodeBank, make_optimizer, train_episodes
 from ppgseg.workflows import split_samples
 
 
-def evaluate(model, support, tests, ids, tile: int | None) -> tuple[list[float], float]:
-    """Mean Dice per object over ``tests`` and seconds per image, with K ``support`` samples (tiled if ``tile``)."""
-    images = torch.stack([to_byte_range(s.image) for s in support])
-    masks = torch.stack([s.masks(ids) for s in support])
-    if tile:
-        images, masks = tile_pairs(images, masks, tile)
+def evaluate(predict, tests, ids) -> tuple[list[float], float]:
+    """Mean Dice per object over ``tests`` and seconds per image; ``predict``: (1, C, H, W) uint8 -> (1, N, H, W)."""
     scores, seconds = [], []
     with torch.no_grad():
-        emb = model.encode_support(images, masks)
         for s in tests:
             t = time.perf_counter()
-            x = to_byte_range(s.image)[None]
-            logits = segment_tiled(model, x, emb, tile=tile) if tile else model.segment(x, emb)
+            logits = predict(to_byte_range(s.image)[None])
             seconds.append(time.perf_counter() - t)
             truth = s.masks(ids)[None]
             scores.append(compute_dice((logits > 0).float(), truth, ignore_empty=True)[0].numpy())
     return np.nanmean(np.stack(scores), axis=0).tolist(), float(np.mean(seconds))
+
+
+def ppg(model, support, ids, tile: int | None):
+    """PPG with K ``support`` samples (cut into the targets' tiles if ``tile``), their embedding computed once."""
+    images = torch.stack([to_byte_range(s.image) for s in support])
+    masks = torch.stack([s.masks(ids) for s in support])
+    if tile:
+        images, masks = tile_pairs(images, masks, tile)
+    with torch.no_grad():
+        emb = model.encode_support(images, masks)
+    return (lambda x: segment_tiled(model, x, emb, tile=tile)) if tile else (lambda x: model.segment(x, emb))
+
+
+def finetune(train, ids, tile: int | None, steps: int, seed: int):
+    """The decoder fine-tune peer (`DecoderFineTune`) trained on ``train`` (cut into tiles if ``tile``)."""
+    backbone = build_backbone("litemedsam").eval()
+    method = DecoderFineTune(backbone, steps=steps)
+    method.fit(Pairs.encode(backbone, tile_samples(train, tile) if tile else train, ids), seed=seed)
+
+    def one(x):  # (1, C, h, w) uint8 -> (1, N, h, w)
+        xi, geo = backbone.preprocess(x)
+        return method.predict(Target(x[0], xi, geo, backbone.encode(xi), x.new_zeros(1, len(ids), *x.shape[-2:])))
+
+    return (lambda x: NativeTileInferer(tile)(x, one)) if tile else one
 
 
 def main() -> None:
@@ -60,12 +80,15 @@ def main() -> None:
     p.add_argument("--trained-only", action="store_true", help="leave out the rows with no training")
     p.add_argument("--train-pairs", type=int, default=16)
     p.add_argument("--support", type=int, default=4)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=200, help="PPG training episodes (0: no trained PPG rows)")
     p.add_argument("--views", type=int, default=2)
     p.add_argument("--loss", choices=sorted(LOSSES), default="dicece")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="sgd: the paper's")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: SGD 0.01, AdamW 1e-3)")
     p.add_argument("--max-test", type=int, default=None)
+    p.add_argument(
+        "--finetune-steps", type=int, default=0, help="also the decoder fine-tune peer, trained so many steps (0: not)"
+    )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     labels = read_labels(a.dataset)
@@ -88,9 +111,9 @@ def main() -> None:
 
     for tile in [] if a.trained_only else passes:
         key = f"{'start weights' if ckpt else 'untrained'}, {way(tile)}"
-        rows[key] = evaluate(base, support, tests, ids, tile)
+        rows[key] = evaluate(ppg(base, support, ids, tile), tests, ids)
         print(key, rows[key], flush=True)
-    for tile in passes:
+    for tile in passes if a.steps else []:
         m = model()
         samples = tile_samples(train, tile) if tile else train
         bank = EpisodeBank(m, samples, ids, views=a.views, seed=a.seed)
@@ -106,8 +129,13 @@ def main() -> None:
             progress=f"training, tile {tile}",
         )
         key = f"trained {a.steps} episodes ({a.optimizer}) on {len(train)} pairs, {way(tile)}"
-        rows[key] = evaluate(m, support, tests, ids, tile)
+        rows[key] = evaluate(ppg(m, support, ids, tile), tests, ids)
         print(key, rows[key], f"({time.time() - t:.0f} s training)", flush=True)
+    for tile in passes if a.finetune_steps else []:
+        t = time.time()
+        key = f"decoder fine-tune, {a.finetune_steps} steps on {len(train)} pairs, {way(tile)}"
+        rows[key] = evaluate(finetune(train, ids, tile, a.finetune_steps, a.seed), tests, ids)
+        print(key, rows[key], f"({time.time() - t:.0f} s with training)", flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "tiles.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}))
     lines = [
