@@ -92,11 +92,19 @@ def test_training_writes_only_ppg_and_lora_weights(trained):
 
 
 def test_default_run_key_trains_too(demo, tmp_path):
+    """Also with the other optimiser, AdamW, chosen by config id."""
     bundle_run(
         "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(demo["fundus"]), "--output_dir",
         str(tmp_path), "--episodes_per_epoch", "2", "--train#trainer#max_epochs", "1", "--val_interval", "5", *TINY,
+        "--optimizer_kind", "adamw", "--learning_rate", "0.003",
     )  # fmt: skip
     assert (tmp_path / "model_final.pt").is_file() and not (tmp_path / "model.pt").exists()  # no validation ran
+    bad = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir",
+         str(demo["fundus"]), "--output_dir", str(tmp_path / "bad"), "--optimizer_kind", "adam", *TINY],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "optimizer must be one of ('sgd', 'adamw'), got 'adam'" in bad.stderr
 
 
 def test_evaluate_writes_metrics_and_overlays(demo, trained, tmp_path):
