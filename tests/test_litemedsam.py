@@ -30,33 +30,52 @@ def test_box_prompt_segments_a_bright_disk(litemedsam_backbone):
     assert dice.item() > 0.9
 
 
+@pytest.fixture(scope="module")
+def two_objects():
+    """A generated two-object task in LiteMedSAM's frame, encoded once for both routes (the `cpu` preset's encoder
+    is frozen, so the episode bank's cached features and the held-out targets' features do not depend on the PPG):
+    16 training samples as an episode bank, 4 held-out targets with their features and geometry."""
+    torch.manual_seed(0)
+    model = build_model("litemedsam", "cpu", vim_dim=32, vim_depth=1, vim_coarsen=1, ccm_heads=4, ccm_ffn=256)
+    images, masks = two_object_set(20, 128, seed=1)
+    labels = torch.where(masks[:, 0] > 0, 1, torch.where(masks[:, 1] > 0, 2, 0))
+    samples = [Sample(images[i], labels[i], f"subject{i}") for i in range(16)]
+    x, geo = model.backbone.preprocess(images[16:])
+    with torch.no_grad():
+        features = model.encode_images(x)
+    return images, masks, EpisodeBank(model, samples, [1, 2], views=1), features, geo
+
+
 @pytest.mark.parametrize(
-    "prompt, loss",
-    [("transfer", DiceLoss(sigmoid=True)), ("paper", DiceCELoss(sigmoid=True))],
+    "prompt, loss, steps",
+    [("transfer", DiceLoss(sigmoid=True), 50), ("paper", DiceCELoss(sigmoid=True), 150)],
     ids=["transfer-dice", "paper-dicece"],
 )
-def test_ppg_learns_and_follows_the_support_mask(prompt, loss):
+def test_ppg_learns_and_follows_the_support_mask(two_objects, prompt, loss, steps):
     """Both routes learn a generated two-object task and follow the support: `transfer` (P + carried masks) with the
-    paper's Dice loss, `paper` (P alone, Eq. 12) with Dice + BCE (with Dice alone it settles on empty masks)."""
+    paper's Dice loss, `paper` (P alone, Eq. 12) with Dice + BCE (with Dice alone it settles on empty masks).
+    `transfer` starts from the carried masks and passes within 25 episodes (held-out Dice 0.86 at 25, 0.87 at 50);
+    `paper` must learn the whole segmentation from P (0.67 at 75 episodes, 0.84 at 100, 0.88 at 150)."""
+    images, masks, bank, features, geo = two_objects
     torch.manual_seed(0)
     model = build_model(
         "litemedsam", "cpu", vim_dim=32, vim_depth=1, vim_coarsen=1, ccm_heads=4, ccm_ffn=256, prompt=prompt
     )
-    images, masks = two_object_set(20, 128, seed=1)
-    labels = torch.where(masks[:, 0] > 0, 1, torch.where(masks[:, 1] > 0, 2, 0))
-    samples = [Sample(images[i], labels[i], f"subject{i}") for i in range(16)]
-    bank = EpisodeBank(model, samples, [1, 2], views=1)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses = train_episodes(model, bank, steps=150, num_support=2, optimizer=optimizer, loss_fn=loss)
-    assert np.mean(losses[-20:]) < np.mean(losses[:20])
-    held_out, truth = images[16:], masks[16:]
-    with torch.no_grad():
-        both = model.segment(held_out, model.encode_support(images[:2], masks[:2]))
-        assert compute_dice((both > 0).float(), truth).mean(0).min() > 0.8
-        for obj, other in ((0, 1), (1, 0)):  # same weights, the support mask decides the target
-            pred = (model.segment(held_out, model.encode_support(images[:2], masks[:2, [obj]])) > 0).float()
-            assert compute_dice(pred, truth[:, [obj]]).mean() > 0.8
-            assert compute_dice(pred, truth[:, [other]]).mean() < 0.2
+    losses = train_episodes(model, bank, steps=steps, num_support=2, optimizer=optimizer, loss_fn=loss)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    truth = masks[16:]
+
+    def segment(support_masks):
+        with torch.no_grad():
+            logits = model.segment_features(features, model.encode_support(images[:2], support_masks))
+        return (model.backbone.postprocess(logits, geo) > 0).float()
+
+    assert compute_dice(segment(masks[:2]), truth).mean(0).min() > 0.8
+    for obj, other in ((0, 1), (1, 0)):  # same weights, the support mask decides the target
+        pred = segment(masks[:2, [obj]])
+        assert compute_dice(pred, truth[:, [obj]]).mean() > 0.8
+        assert compute_dice(pred, truth[:, [other]]).mean() < 0.2
 
 
 def test_presets_put_lora_where_they_say_on_litemedsam():
