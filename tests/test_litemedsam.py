@@ -13,6 +13,8 @@ from ppgseg.data.contract import Sample
 from ppgseg.data.synthetic import two_object_set
 from ppgseg.training import EpisodeBank, train_episodes
 
+SMALL_PPG = {"vim_dim": 32, "vim_depth": 1, "vim_coarsen": 1, "ccm_heads": 4, "ccm_ffn": 256}  # a PPG quick to train
+
 
 def test_box_prompt_segments_a_bright_disk(litemedsam_backbone):
     rng = np.random.default_rng(0)
@@ -36,7 +38,7 @@ def two_objects():
     is frozen, so the episode bank's cached features and the held-out targets' features do not depend on the PPG):
     16 training samples as an episode bank, 4 held-out targets with their features and geometry."""
     torch.manual_seed(0)
-    model = build_model("litemedsam", "cpu", vim_dim=32, vim_depth=1, vim_coarsen=1, ccm_heads=4, ccm_ffn=256)
+    model = build_model("litemedsam", "cpu", **SMALL_PPG)
     images, masks = two_object_set(20, 128, seed=1)
     labels = torch.where(masks[:, 0] > 0, 1, torch.where(masks[:, 1] > 0, 2, 0))
     samples = [Sample(images[i], labels[i], f"subject{i}") for i in range(16)]
@@ -58,9 +60,7 @@ def test_ppg_learns_and_follows_the_support_mask(two_objects, prompt, loss, step
     `paper` must learn the whole segmentation from P (0.67 at 75 episodes, 0.84 at 100, 0.88 at 150)."""
     images, masks, bank, features, geo = two_objects
     torch.manual_seed(0)
-    model = build_model(
-        "litemedsam", "cpu", vim_dim=32, vim_depth=1, vim_coarsen=1, ccm_heads=4, ccm_ffn=256, prompt=prompt
-    )
+    model = build_model("litemedsam", "cpu", prompt=prompt, **SMALL_PPG)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = train_episodes(model, bank, steps=steps, num_support=2, optimizer=optimizer, loss_fn=loss)
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
@@ -110,7 +110,7 @@ def test_short_training_on_random_tasks_raises_dice_on_held_out_tasks(tmp_path, 
     seen = write_tasks(tmp_path / "train", n_tasks=tasks, n_images=images, size=128, seed=0)
     unseen = write_tasks(tmp_path / "held_out", n_tasks=held, n_images=3, n_test=3, size=128, seed=1)
     torch.manual_seed(0)
-    model = build_model("litemedsam", "cpu", vim_dim=32, vim_depth=1, vim_coarsen=1, ccm_heads=4, ccm_ffn=256)
+    model = build_model("litemedsam", "cpu", **SMALL_PPG)
     held_out = []  # per unseen task: support images and masks, the targets' encoder features and geometry, truth
     for folder in unseen:
         ids = list(read_labels(folder))
