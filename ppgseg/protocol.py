@@ -233,8 +233,9 @@ class Protocol:
         return out
 
     def evaluate_method(self, method: Method, support: list[int], draw: int, keep: int = 0) -> dict:
-        """Dice per object over the test split, with the method's seconds per target (after the shared encoder)
-        and for the support set; the binary masks of the first ``keep`` targets."""
+        """Dice per object over the test split and per target (NaN where a target lacks the object, for paired
+        comparisons between methods), with the method's seconds per target (after the shared encoder) and for the
+        support set; the binary masks of the first ``keep`` targets."""
         t = time.perf_counter()
         method.set_support(self.support_pairs.select(support))
         setup = time.perf_counter() - t
@@ -253,6 +254,7 @@ class Protocol:
                 masks.append(pred[0])
         return {
             "dice": np.nanmean(np.stack(scores), axis=0).tolist(),
+            "per_target": np.stack(scores).tolist(),
             "seconds": float(np.mean(seconds)),
             "setup_seconds": setup,
             "masks": masks,

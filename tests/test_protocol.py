@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from ppgseg.baselines import METHODS
 from ppgseg.data.demo import write_family
 from ppgseg.protocol import ROUTE_ABLATIONS, Protocol, Settings
@@ -27,6 +29,9 @@ def test_tiny_protocol_writes_every_section(tmp_path):
     for m in methods.values():
         assert m["name"] in text and len(m["dice"]) == 2 and m["seconds"] > 0
         assert len(m["draws"]) == 2 and all(len(d) == 2 for d in m["draws"])
+        assert len(m["per_target"]) == 2 and np.allclose(
+            np.nanmean(m["per_target"], axis=0), m["dice"], equal_nan=True
+        )  # 2 targets
     assert methods["ppg"]["models_trained"] == 1 and methods["finetune"]["models_trained"] == 2
     assert methods["box"]["models_trained"] == 0 and methods["persam"]["models_trained"] == 0
     assert list(res["routes"]) == list(ROUTE_ABLATIONS) and all(len(d) == 2 for d in res["routes"].values())
