@@ -31,8 +31,9 @@ from ppgseg.training import OPTIMIZERS, EpisodeBank, make_optimizer, train_episo
 from ppgseg.workflows import split_samples
 
 
-def evaluate(predict, tests, ids) -> tuple[list[float], float]:
-    """Mean Dice per object over ``tests`` and seconds per image; ``predict``: (1, C, H, W) uint8 -> (1, N, H, W)."""
+def evaluate(predict, tests, ids) -> tuple[list[float], float, list[list[float]]]:
+    """Mean Dice per object over ``tests``, seconds per image, and Dice per image and object (NaN where the image
+    lacks the object); ``predict``: (1, C, H, W) uint8 -> (1, N, H, W)."""
     scores, seconds = [], []
     with torch.no_grad():
         for s in tests:
@@ -41,7 +42,7 @@ def evaluate(predict, tests, ids) -> tuple[list[float], float]:
             seconds.append(time.perf_counter() - t)
             truth = s.masks(ids)[None]
             scores.append(compute_dice((logits > 0).float(), truth, ignore_empty=True)[0].numpy())
-    return np.nanmean(np.stack(scores), axis=0).tolist(), float(np.mean(seconds))
+    return np.nanmean(np.stack(scores), axis=0).tolist(), float(np.mean(seconds)), np.stack(scores).tolist()
 
 
 def ppg(model, support, ids, tile: int | None):
@@ -112,7 +113,7 @@ def main() -> None:
     for tile in [] if a.trained_only else passes:
         key = f"{'start weights' if ckpt else 'untrained'}, {way(tile)}"
         rows[key] = evaluate(ppg(base, support, ids, tile), tests, ids)
-        print(key, rows[key], flush=True)
+        print(key, rows[key][:2], flush=True)
     for tile in passes if a.steps else []:
         m = model()
         samples = tile_samples(train, tile) if tile else train
@@ -130,12 +131,12 @@ def main() -> None:
         )
         key = f"trained {a.steps} episodes ({a.optimizer}) on {len(train)} pairs, {way(tile)}"
         rows[key] = evaluate(ppg(m, support, ids, tile), tests, ids)
-        print(key, rows[key], f"({time.time() - t:.0f} s training)", flush=True)
+        print(key, rows[key][:2], f"({time.time() - t:.0f} s training)", flush=True)
     for tile in passes if a.finetune_steps else []:
         t = time.time()
         key = f"decoder fine-tune, {a.finetune_steps} steps on {len(train)} pairs, {way(tile)}"
         rows[key] = evaluate(finetune(train, ids, tile, a.finetune_steps, a.seed), tests, ids)
-        print(key, rows[key], f"({time.time() - t:.0f} s with training)", flush=True)
+        print(key, rows[key][:2], f"({time.time() - t:.0f} s with training)", flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "tiles.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}))
     lines = [
