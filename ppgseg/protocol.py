@@ -252,9 +252,10 @@ class Protocol:
             scores.append(compute_dice(pred, target.truth, ignore_empty=True)[0].numpy())
             if i < keep:
                 masks.append(pred[0])
+        per_target = np.stack(scores)
         return {
-            "dice": np.nanmean(np.stack(scores), axis=0).tolist(),
-            "per_target": np.stack(scores).tolist(),
+            "dice": np.nanmean(per_target, axis=0).tolist(),
+            "per_target": per_target.tolist(),
             "seconds": float(np.mean(seconds)),
             "setup_seconds": setup,
             "masks": masks,

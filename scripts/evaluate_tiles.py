@@ -42,7 +42,8 @@ def evaluate(predict, tests, ids) -> tuple[list[float], float, list[list[float]]
             seconds.append(time.perf_counter() - t)
             truth = s.masks(ids)[None]
             scores.append(compute_dice((logits > 0).float(), truth, ignore_empty=True)[0].numpy())
-    return np.nanmean(np.stack(scores), axis=0).tolist(), float(np.mean(seconds)), np.stack(scores).tolist()
+    per_image = np.stack(scores)
+    return np.nanmean(per_image, axis=0).tolist(), float(np.mean(seconds)), per_image.tolist()
 
 
 def ppg(model, support, ids, tile: int | None):
