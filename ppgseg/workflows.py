@@ -5,6 +5,7 @@ input's size and geometry."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 from collections.abc import Sequence
@@ -406,6 +407,7 @@ def segment_image(
     features: Features | None = None,
     min_carried: float = 0.0,
     box_refine: bool = False,
+    z_stride: int = 1,
 ) -> Tensor:
     """Label map (spatial shape of ``image``, uint8 label ids) of a 2D image or a 3D volume (C, *spatial) as read.
 
@@ -413,7 +415,8 @@ def segment_image(
     along ``axis``, the support encoded once. Slices in ``skip`` are left 0 (the caller fills them). ``inferer``: see
     `label_slices`. ``features``: the encoder's features of every slice of a volume (`encode_slices`), computed
     earlier; then only the PPG and the decoder run. ``min_carried``, ``box_refine``: see
-    `ProxyPromptSAM.segment_features`."""
+    `ProxyPromptSAM.segment_features`. ``z_stride`` > 1: a volume's slices decoded sparsely, from ``features``
+    (`sparse_slice_logits`); 2D images ignore it."""
     spatial = image.shape[1:]
     options = {"chunk": chunk, "inferer": inferer, "min_carried": min_carried, "box_refine": box_refine}
     if len(spatial) == 2:
@@ -430,7 +433,7 @@ def segment_image(
     if todo:
         out[todo] = label_slices(
             model, slices[todo], embedding, label_ids, features=None if features is None else features.select(todo),
-            **options,
+            z_stride=z_stride, positions=todo, **options,
         )  # fmt: skip
     return out.movedim(0, axis)
 
@@ -468,30 +471,121 @@ def label_slices(
     features: Features | None = None,
     min_carried: float = 0.0,
     box_refine: bool = False,
+    z_stride: int = 1,
+    positions: Sequence[int] | None = None,
 ) -> Tensor:
     """(Z, C, H, W) -> (Z, H, W) label map: at each pixel the label id of the most confident object with a positive
     logit, 0 where none is. ``inferer`` runs the model (MONAI's `SimpleInferer` by default; `NativeTileInferer`
     for native-resolution tiles). ``features``: the slices' encoder features, computed earlier (one pass only).
-    ``min_carried``, ``box_refine``: see `ProxyPromptSAM.segment_features`. LoRA adapters are merged while it runs
-    (`merged_lora`)."""
+    ``min_carried``, ``box_refine``: see `ProxyPromptSAM.segment_features`. ``z_stride`` > 1 (with ``features``):
+    decode a volume's slices sparsely (`sparse_slice_logits`; ``positions``: the slices' indices in the volume).
+    LoRA adapters are merged while it runs (`merged_lora`)."""
     if features is not None and inferer is not None:
         raise ValueError("features computed earlier serve one pass over each slice, not an inferer's tiles")
+    if z_stride < 1:
+        raise ValueError(f"z_stride must be >= 1, got {z_stride}")
+    if z_stride > 1 and features is None:
+        raise ValueError("z_stride > 1 needs the slices' encoder features computed earlier (features=...)")
     inferer = inferer or SimpleInferer()
     geo = model.backbone.geometry(tuple(slices.shape[-2:]))
     device = model.backbone.device
     options = {"min_carried": min_carried, "box_refine": box_refine}
     out = []
     with torch.no_grad(), merged_lora(model):
+        if z_stride > 1:
+            low = sparse_slice_logits(model, features, embedding, stride=z_stride, positions=positions, chunk=chunk,
+                                      **options)  # fmt: skip
         for start in range(0, len(slices), chunk):
-            part = torch.stack([to_byte_range(s) for s in slices[start : start + chunk]])
-            if features is None:
+            if z_stride > 1:
+                logits = model.backbone.postprocess(low[start : start + chunk].to(device), geo)
+            elif features is None:
+                part = torch.stack([to_byte_range(s) for s in slices[start : start + chunk]])
                 logits = inferer(part, lambda x: model.segment(x, embedding, **options))
             else:
-                f = features.select(slice(start, start + chunk))
-                f = Features(f.embed.to(device), tuple(h.to(device) for h in f.high_res))
+                f = _on(features.select(slice(start, start + chunk)), device)
                 logits = model.backbone.postprocess(model.segment_features(f, embedding, **options), geo)
             out.append(to_label(logits.cpu(), label_ids))  # (z, N, H, W) logits
     return torch.cat(out)
+
+
+Z_AGREE = 0.8  # `sparse_slice_logits`: the mask Dice at which two decoded slices count as agreeing
+
+
+def sparse_slice_logits(
+    model: ProxyPromptSAM,
+    features: Features,
+    embedding: SupportEmbedding,
+    *,
+    stride: int,
+    min_carried: float = 0.0,
+    box_refine: bool = False,
+    positions: Sequence[int] | None = None,
+    chunk: int = 8,
+    agree: float = Z_AGREE,
+) -> Tensor:
+    """(Z, N, 4h, 4w) low-res logits (CPU) of a volume's Z slices from their encoder features, with fewer decodes.
+
+    The PPG runs on every slice; the mask decoder (the costly part) first on every ``stride``-th slice and the last.
+    Then, object by object, each gap between two decoded slices is either filled or split: where the two masks agree
+    (Dice >= ``agree``, or both empty) the slices between get the logits interpolated linearly between the two ends;
+    otherwise the middle slice is decoded and both halves are looked at again, down to neighbouring slices. An object
+    the support carries to no part of a slice (``min_carried``) is background there, as with every slice decoded.
+    Each round's decodes are batched per slice. ``positions``: each row's slice index in the volume (default
+    0..Z-1), which sets the interpolation weights where rows are not evenly spaced (slices left out in between).
+    """
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    z = features.embed.shape[0]
+    pos = torch.arange(z, dtype=torch.float32) if positions is None else torch.tensor(positions, dtype=torch.float32)
+    if len(pos) != z:
+        raise ValueError(f"{len(pos)} positions for {z} slices")
+    device = model.backbone.device
+    parts = [model.prompts(_on(features.select(slice(s, s + chunk)), device), embedding) for s in range(0, z, chunk)]
+    tokens, coarse = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    keep = model.carried(coarse, min_carried).cpu()  # (Z, N)
+    n, side = keep.shape[1], 4 * features.embed.shape[-1]
+    logits = torch.full((z, n, side, side), -20.0)
+
+    def decode(asked: Tensor) -> None:  # (Z, N) bool: the pairs to decode now
+        asked = asked & keep
+        rows = asked.any(1).nonzero()[:, 0].tolist()
+        for s in range(0, len(rows), chunk):
+            at = rows[s : s + chunk]
+            f = _on(features.select(at), device)
+            low, _ = model.decode_kept(f, tokens[at], coarse[at], asked[at].to(device))
+            if box_refine and model.route.uses_decoder:
+                low = model.refine_with_box(f, low)
+            logits[at] = torch.where(asked[at][..., None, None], low.cpu(), logits[at])
+
+    anchors = sorted({*range(0, z, stride), z - 1})
+    first = torch.zeros_like(keep)
+    first[anchors] = True
+    decode(first)
+    gaps = [(a, b, o) for a, b in itertools.pairwise(anchors) if b - a > 1 for o in range(n)]
+    while gaps:
+        asked, split = torch.zeros_like(keep), []
+        for a, b, o in gaps:
+            if _mask_dice(logits[a, o] > 0, logits[b, o] > 0) >= agree:
+                w = ((pos[a + 1 : b] - pos[a]) / (pos[b] - pos[a]))[:, None, None]
+                logits[a + 1 : b, o] = torch.where(
+                    keep[a + 1 : b, o, None, None], (1 - w) * logits[a, o] + w * logits[b, o], -20.0
+                )
+            else:
+                m = (a + b) // 2
+                asked[m, o] = True
+                split += [(a, m, o), (m, b, o)]
+        decode(asked)
+        gaps = [g for g in split if g[1] - g[0] > 1]
+    return logits
+
+
+def _mask_dice(a: Tensor, b: Tensor) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2 * int((a & b).sum()) / total
+
+
+def _on(features: Features, device: torch.device) -> Features:
+    return Features(features.embed.to(device), tuple(h.to(device) for h in features.high_res))
 
 
 def to_label(logits: Tensor, label_ids: Sequence[int]) -> Tensor:

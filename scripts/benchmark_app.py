@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--labelled", type=int, default=3, help="labelled studies in the datastore")
     parser.add_argument("--finetune-seconds", default="60")
+    parser.add_argument("--z-stride", default="4", help="the app's z_stride (1: decode every slice)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="ppgseg_bench_"))
@@ -71,7 +72,8 @@ def main() -> None:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     cmd = [str(Path(sys.executable).with_name("monailabel")), "start_server", "--app", str(app), "--studies"]
     cmd += [str(studies), "--conf", "models", "proxy_prompt", "--conf", "bundle", str(ROOT / "bundle")]
-    cmd += ["--conf", "finetune_seconds", args.finetune_seconds, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--conf", "finetune_seconds", args.finetune_seconds, "--conf", "z_stride", args.z_stride]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
     log = open(work / "server.log", "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"

@@ -3,7 +3,8 @@
 Rows, for each way of passing an image (--passes: 0 = one down-scaled pass, T = tiles of T pixels; a tile smaller
 than the encoder's input is magnified to it): the given weights (default: the bundle's) with no training (unless
 --trained-only); the same weights trained --steps episodes on the first --train-pairs training pairs, cut into the
-same tiles; and (--finetune-steps) the decoder fine-tune peer trained on the same tiles. K supports from the training
+same tiles (with --ablations, also the paper's Table 2 ablations, each trained the same way on the same episodes);
+and (--finetune-steps) the decoder fine-tune peer trained on the same tiles. K supports from the training
 split (cut into the same tiles as the targets), every test image; Dice per object (MONAI). Also the seconds per test
 image of each way, measured in this run. Writes a markdown table and tiles.json.
 """
@@ -25,7 +26,7 @@ from ppgseg.baselines.base import Target
 from ppgseg.build import build_backbone
 from ppgseg.data.contract import read_labels
 from ppgseg.data.episodes import to_byte_range
-from ppgseg.protocol import LOSSES
+from ppgseg.protocol import ABLATIONS, LOSSES
 from ppgseg.tiling import NativeTileInferer, segment_tiled, tile_pairs, tile_samples
 from ppgseg.training import OPTIMIZERS, EpisodeBank, make_optimizer, train_episodes
 from ppgseg.workflows import split_samples
@@ -91,6 +92,9 @@ def main() -> None:
     p.add_argument(
         "--finetune-steps", type=int, default=0, help="also the decoder fine-tune peer, trained so many steps (0: not)"
     )
+    p.add_argument(
+        "--ablations", action="store_true", help="also Table 2's CSM / CCM ablations (with --ppg-checkpoint none)"
+    )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     labels = read_labels(a.dataset)
@@ -100,9 +104,9 @@ def main() -> None:
     support = train[: a.support]
     ckpt = None if a.ppg_checkpoint == "none" else a.ppg_checkpoint
 
-    def model():
+    def model(**overrides):
         torch.manual_seed(a.seed)
-        return build_model("litemedsam", "cpu", ppg_checkpoint=ckpt, prompt=a.prompt)
+        return build_model("litemedsam", "cpu", ppg_checkpoint=ckpt, prompt=a.prompt, **overrides)
 
     rows = {}
     base = model()
@@ -115,24 +119,29 @@ def main() -> None:
         key = f"{'start weights' if ckpt else 'untrained'}, {way(tile)}"
         rows[key] = evaluate(ppg(base, support, ids, tile), tests, ids)
         print(key, rows[key][:2], flush=True)
+    variants = ABLATIONS if a.ablations else {"": {}}
     for tile in passes if a.steps else []:
-        m = model()
-        samples = tile_samples(train, tile) if tile else train
-        bank = EpisodeBank(m, samples, ids, views=a.views, seed=a.seed)
-        t = time.time()
-        train_episodes(
-            m,
-            bank,
-            steps=a.steps,
-            num_support=a.support,
-            optimizer=make_optimizer(m, lr=a.lr, kind=a.optimizer),
-            seed=a.seed,
-            loss_fn=LOSSES[a.loss](sigmoid=True),
-            progress=f"training, tile {tile}",
-        )
-        key = f"trained {a.steps} episodes ({a.optimizer}) on {len(train)} pairs, {way(tile)}"
-        rows[key] = evaluate(ppg(m, support, ids, tile), tests, ids)
-        print(key, rows[key][:2], f"({time.time() - t:.0f} s training)", flush=True)
+        bank = None  # encoder features of the training tiles, shared by the variants (the encoder is frozen)
+        for variant, overrides in variants.items():
+            m = model(**overrides)
+            if bank is None:
+                bank = EpisodeBank(m, tile_samples(train, tile) if tile else train, ids, views=a.views, seed=a.seed)
+            t = time.time()
+            train_episodes(
+                m,
+                bank,
+                steps=a.steps,
+                num_support=a.support,
+                optimizer=make_optimizer(m, lr=a.lr, kind=a.optimizer),
+                seed=a.seed,
+                loss_fn=LOSSES[a.loss](sigmoid=True),
+                progress=f"training {variant or 'PPG'}, tile {tile}",
+            )
+            seconds = time.time() - t
+            key = f"trained {a.steps} episodes ({a.optimizer}) on {len(train)} pairs, {way(tile)}"
+            key = f"{variant}: {key}" if variant else key
+            rows[key] = evaluate(ppg(m, support, ids, tile), tests, ids)
+            print(key, rows[key][:2], f"({seconds:.0f} s training)", flush=True)
     for tile in passes if a.finetune_steps else []:
         t = time.time()
         key = f"decoder fine-tune, {a.finetune_steps} steps on {len(train)} pairs, {way(tile)}"

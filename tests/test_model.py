@@ -287,6 +287,80 @@ def test_label_slices_passes_box_refine_through(trained) -> None:
     assert torch.equal(got, expected) and not torch.equal(got, plain)
 
 
+def _counting(model, monkeypatch) -> list[int]:
+    """Count the (target, object) pairs the model decodes."""
+    counts, decode = [], model.decode_kept
+
+    def counted(features, tokens, coarse, keep):
+        counts.append(int(keep.sum()))
+        return decode(features, tokens, coarse, keep)
+
+    monkeypatch.setattr(model, "decode_kept", counted)
+    return counts
+
+
+def test_sparse_slices_equal_every_slice_where_no_gap_agrees(trained, monkeypatch) -> None:
+    """With nothing agreeing, bisection decodes every slice: the logits of decoding each slice, pair by pair."""
+    from ppgseg.workflows import sparse_slice_logits
+
+    model, _ = trained
+    images, masks = make_support(2, 3)
+    with torch.no_grad():
+        support = model.encode_support(images, masks)
+        features = model.encode_images(model.backbone.preprocess(make_targets(7))[0])
+        dense = model.segment_features(features, support, min_carried=0.3)
+        counts = _counting(model, monkeypatch)
+        sparse = sparse_slice_logits(model, features, support, stride=3, min_carried=0.3, agree=1.01)
+    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+    _, coarse = model.prompts(features, support)
+    keep = model.carried(coarse, 0.3)
+    assert 0 < int(keep.sum()) < keep.numel()  # some pairs are not carried: background, undecoded
+    assert sum(counts) == int(keep.sum())  # each carried pair decoded once, no other
+
+
+def test_sparse_slices_decode_only_anchors_where_slices_agree(trained, monkeypatch) -> None:
+    """Seven copies of one slice: the anchors (0, 3, 6) agree, so only they are decoded, and the slices between get
+    the same logits as decoding them."""
+    from ppgseg.workflows import sparse_slice_logits
+
+    model, _ = trained
+    images, masks = make_support(2, 2)
+    with torch.no_grad():
+        support = model.encode_support(images, masks)
+        features = model.encode_images(model.backbone.preprocess(make_targets(1).expand(7, -1, -1, -1))[0])
+        dense = model.segment_features(features, support)
+        counts = _counting(model, monkeypatch)
+        sparse = sparse_slice_logits(model, features, support, stride=3)
+    assert sum(counts) == 3 * 2
+    torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_slices_interpolate_by_slice_position(trained) -> None:
+    """Rows at slices 0, 3 and 4 of a volume (slices 1, 2 left out): the middle row lies 3/4 of the way."""
+    from ppgseg.workflows import sparse_slice_logits
+
+    model, _ = trained
+    images, masks = make_support(2, 2)
+    with torch.no_grad():
+        support = model.encode_support(images, masks)
+        features = model.encode_images(model.backbone.preprocess(make_targets(3))[0])
+        dense = model.segment_features(features, support)
+        sparse = sparse_slice_logits(model, features, support, stride=2, positions=[0, 3, 4], agree=0.0)
+    torch.testing.assert_close(sparse[[0, 2]], dense[[0, 2]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse[1], 0.25 * dense[0] + 0.75 * dense[2], atol=1e-5, rtol=1e-5)
+
+
+def test_segment_image_z_stride_needs_features(model) -> None:
+    from ppgseg.workflows import segment_image
+
+    images, masks = make_support(2, 2)
+    with torch.no_grad():
+        support = model.encode_support(images, masks)
+    volume = make_targets(3).permute(1, 2, 3, 0).float()
+    with pytest.raises(ValueError, match="z_stride > 1 needs"):
+        segment_image(model, volume, support, [1, 2], z_stride=2)
+
+
 # --- checkpoints -----------------------------------------------------------------------------------------------------
 def _output(model) -> torch.Tensor:
     images, masks = make_support(2, 2)

@@ -156,20 +156,34 @@ class ProxyPromptSAM(nn.Module):
         return out
 
     def _segment(self, features: Features, support: SupportEmbedding, min_carried: float) -> tuple[Tensor, Tensor]:
-        tokens, coarse = self.generator(self.to_grid(features.embed), support)  # (B, N, T, C), (B, N, g, g)
-        keep = coarse.flatten(2).amax(2) >= min_carried  # (B, N)
-        if min_carried <= 0 or not self.route.uses_decoder or bool(keep.all()):
+        tokens, coarse = self.prompts(features, support)
+        return self.decode_kept(features, tokens, coarse, self.carried(coarse, min_carried))
+
+    def prompts(self, features: Features, support: SupportEmbedding) -> tuple[Tensor, Tensor]:
+        """The PPG's output for B targets: P (B, N, T, C) and the support masks carried to each target (B, N, g, g)."""
+        return self.generator(self.to_grid(features.embed), support)
+
+    @staticmethod
+    def carried(coarse: Tensor, min_carried: float) -> Tensor:
+        """(B, N) True where object n's carried mask reaches ``min_carried`` somewhere on target b (all at 0)."""
+        peak = coarse.flatten(2).amax(2)
+        return peak >= min_carried if min_carried > 0 else torch.ones_like(peak, dtype=torch.bool)
+
+    def decode_kept(self, features: Features, tokens: Tensor, coarse: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, N, 4H, 4W) low-res logits and IoU (B, N) of the (target, object) pairs in ``keep`` (B, N); the others
+        are background (logit -20, IoU 0) with no decode. Each target's kept objects go through the decoder in one
+        call (the decoder works per prompt, but batching the prompts of one image is cheaper)."""
+        if not self.route.uses_decoder or bool(keep.all()):
             return self.route(self.backbone, features, tokens, coarse, with_iou=True)
         b, n = keep.shape
         side = 4 * features.embed.shape[-1]
         logits, iou = coarse.new_full((b, n, side, side), -20.0), coarse.new_zeros(b, n)
-        at, obj = keep.nonzero(as_tuple=True)
-        if len(at):  # each kept (target, object) pair decoded on its own: the decoder works per prompt anyway
+        for t in keep.any(1).nonzero()[:, 0].tolist():
+            obj = keep[t].nonzero()[:, 0]
             out, score = self.route(
-                self.backbone, features.select(at.tolist()), tokens[at, obj][:, None], coarse[at, obj][:, None],
-                with_iou=True,
-            )  # fmt: skip
-            logits[at, obj], iou[at, obj] = out[:, 0], score[:, 0]
+                self.backbone, features.select([t]), tokens[t, obj][None], coarse[t, obj][None], with_iou=True
+            )
+            logits[t, obj], iou[t, obj] = out[0], score[0]
         return logits, iou
 
     def forward(self, targets: Tensor, support_images: Tensor, support_masks: Tensor) -> Tensor:

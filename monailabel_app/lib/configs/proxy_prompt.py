@@ -36,6 +36,7 @@ DEFAULTS = {
     "encode_cache_gb": "4",  # disk for encoder features of studies encoded ahead of need (0: off)
     "min_carried": "0.05",  # an object the support carries nowhere on a slice is left empty there, undecoded (0: off)
     "box_refine": "false",  # refine each mask by a second decoder pass prompted with its own box ("true": on)
+    "z_stride": "4",  # decode every 4th slice of a cached study, then only where neighbours disagree (1: every slice)
     "seed": "0",
 }
 MODELS = ("proxy_prompt",)
@@ -121,11 +122,14 @@ class ProxyPromptConfig:
             self.encode_cache_bytes = int(float(c["encode_cache_gb"]) * 2**30)
             self.tile = int(c["tile"]) if c["tile"] else None
             self.min_carried = float(c["min_carried"])
+            self.z_stride = int(c["z_stride"])
         except ValueError as err:
             raise ValueError(
                 "--conf num_support, support_slices, axis, finetune_seconds, finetune_lr, seed, tile, encode_cache_gb, "
-                f"min_carried: not a number ({err})"
+                f"min_carried, z_stride: not a number ({err})"
             ) from err
+        if self.z_stride < 1:
+            raise ValueError(f"--conf z_stride: 1 or more (1: decode every slice), got {self.z_stride}")
         if str(c["box_refine"]).lower() not in ("true", "false"):
             raise ValueError(f"--conf box_refine: 'true' or 'false', got {c['box_refine']!r}")
         self.box_refine = str(c["box_refine"]).lower() == "true"
@@ -178,6 +182,7 @@ class ProxyPromptConfig:
                     tile=self.tile,
                     min_carried=self.min_carried,
                     box_refine=self.box_refine,
+                    z_stride=self.z_stride,
                 )
             elif version != self._loaded and path is not None:
                 with self._service.lock:
