@@ -287,6 +287,13 @@ def test_label_slices_passes_box_refine_through(trained) -> None:
     assert torch.equal(got, expected) and not torch.equal(got, plain)
 
 
+def _encoded(model, n: int, targets: torch.Tensor) -> tuple:
+    """A 2-pair support set of ``n`` objects, encoded, and the targets' backbone features."""
+    images, masks = make_support(2, n)
+    support = model.encode_support(images, masks)
+    return support, model.encode_images(model.backbone.preprocess(targets)[0])
+
+
 def _counting(model, monkeypatch) -> list[int]:
     """Count the (target, object) pairs the model decodes."""
     counts, decode = [], model.decode_kept
@@ -304,10 +311,8 @@ def test_sparse_slices_equal_every_slice_where_no_gap_agrees(trained, monkeypatc
     from ppgseg.workflows import sparse_slice_logits
 
     model, _ = trained
-    images, masks = make_support(2, 3)
     with torch.no_grad():
-        support = model.encode_support(images, masks)
-        features = model.encode_images(model.backbone.preprocess(make_targets(7))[0])
+        support, features = _encoded(model, 3, make_targets(7))
         dense = model.segment_features(features, support, min_carried=0.3)
         counts = _counting(model, monkeypatch)
         sparse = sparse_slice_logits(model, features, support, stride=3, min_carried=0.3, agree=1.01)
@@ -324,10 +329,8 @@ def test_sparse_slices_decode_only_anchors_where_slices_agree(trained, monkeypat
     from ppgseg.workflows import sparse_slice_logits
 
     model, _ = trained
-    images, masks = make_support(2, 2)
     with torch.no_grad():
-        support = model.encode_support(images, masks)
-        features = model.encode_images(model.backbone.preprocess(make_targets(1).expand(7, -1, -1, -1))[0])
+        support, features = _encoded(model, 2, make_targets(1).expand(7, -1, -1, -1))
         dense = model.segment_features(features, support)
         counts = _counting(model, monkeypatch)
         sparse = sparse_slice_logits(model, features, support, stride=3)
@@ -340,10 +343,8 @@ def test_sparse_slices_interpolate_by_slice_position(trained) -> None:
     from ppgseg.workflows import sparse_slice_logits
 
     model, _ = trained
-    images, masks = make_support(2, 2)
     with torch.no_grad():
-        support = model.encode_support(images, masks)
-        features = model.encode_images(model.backbone.preprocess(make_targets(3))[0])
+        support, features = _encoded(model, 2, make_targets(3))
         dense = model.segment_features(features, support)
         sparse = sparse_slice_logits(model, features, support, stride=2, positions=[0, 3, 4], agree=0.0)
     torch.testing.assert_close(sparse[[0, 2]], dense[[0, 2]], atol=1e-5, rtol=1e-5)
