@@ -447,7 +447,7 @@ def encode_slices(model: ProxyPromptSAM, image: Tensor, axis: int, lock=None) ->
         x, _ = model.backbone.preprocess(to_byte_range(s)[None])
         with lock or contextlib.nullcontext():
             f = model.encode_images(x)
-        parts.append(Features(f.embed.cpu(), tuple(h.cpu() for h in f.high_res)))
+        parts.append(f.to("cpu"))
     return Features.cat(parts)
 
 
@@ -502,7 +502,7 @@ def label_slices(
                 part = torch.stack([to_byte_range(s) for s in slices[start : start + chunk]])
                 logits = inferer(part, lambda x: model.segment(x, embedding, **options))
             else:
-                f = _on(features.select(slice(start, start + chunk)), device)
+                f = features.select(slice(start, start + chunk)).to(device)
                 logits = model.backbone.postprocess(model.segment_features(f, embedding, **options), geo)
             out.append(to_label(logits.cpu(), label_ids))  # (z, N, H, W) logits
     return torch.cat(out)
@@ -540,7 +540,7 @@ def sparse_slice_logits(
     if len(pos) != z:
         raise ValueError(f"{len(pos)} positions for {z} slices")
     device = model.backbone.device
-    parts = [model.prompts(_on(features.select(slice(s, s + chunk)), device), embedding) for s in range(0, z, chunk)]
+    parts = [model.prompts(features.select(slice(s, s + chunk)).to(device), embedding) for s in range(0, z, chunk)]
     tokens, coarse = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     keep = model.carried(coarse, min_carried).cpu()  # (Z, N)
     n, side = keep.shape[1], 4 * features.embed.shape[-1]
@@ -551,7 +551,7 @@ def sparse_slice_logits(
         rows = asked.any(1).nonzero()[:, 0].tolist()
         for s in range(0, len(rows), chunk):
             at = rows[s : s + chunk]
-            f = _on(features.select(at), device)
+            f = features.select(at).to(device)
             low, _ = model.decode_kept(f, tokens[at], coarse[at], asked[at].to(device))
             if box_refine and model.route.uses_decoder:
                 low = model.refine_with_box(f, low)
@@ -582,10 +582,6 @@ def sparse_slice_logits(
 def _mask_dice(a: Tensor, b: Tensor) -> float:
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2 * int((a & b).sum()) / total
-
-
-def _on(features: Features, device: torch.device) -> Features:
-    return Features(features.embed.to(device), tuple(h.to(device) for h in features.high_res))
 
 
 def to_label(logits: Tensor, label_ids: Sequence[int]) -> Tensor:

@@ -21,6 +21,10 @@ class Features(NamedTuple):
         """The features of the images at ``index`` (a slice or a list of positions)."""
         return Features(self.embed[index], tuple(f[index] for f in self.high_res))
 
+    def to(self, device: torch.device | str) -> Features:
+        """The same features on ``device``, every level."""
+        return Features(self.embed.to(device), tuple(f.to(device) for f in self.high_res))
+
     @staticmethod
     def cat(parts: Sequence[Features]) -> Features:
         """The features of several batches as one batch, every level concatenated."""
