@@ -192,6 +192,7 @@ class ProxyPromptService:
         self._shows: dict[str, set[int]] = {}
         self._states: OrderedDict[str, tuple[dict, str]] = OrderedDict()  # weights key -> (state, description)
         self._embeddings: OrderedDict[str, SupportEmbedding] = OrderedDict()  # weights key + support key
+        self._supports: OrderedDict[str, Support] = OrderedDict()  # support key -> the slices read for it
         self.inferer = NativeTileInferer(tile) if tile else None
         if tile and self.video:
             raise ValueError("tile: SAM 2's video mode propagates whole slices; leave tile unset")
@@ -337,10 +338,16 @@ class ProxyPromptService:
 
     def study_support(self, studies: Sequence[Study], label_ids: Sequence[int]) -> Support:
         """The support set of labelled studies: up to ``support_slices`` slices of each volume that show an object
-        (2D images as they are)."""
+        (2D images as they are). Kept in memory per file version, so a repeated request reads no study again."""
+        ids = list(label_ids)
+        stamps = [s.stamp() for s in studies]
+        key = digest(stamps, ids, self.axis, self.support_slices)
+        with self.lock:
+            if key in self._supports:
+                self._supports.move_to_end(key)
+                return self._supports[key]
         items = [{"image": str(s.image), "label": str(s.label)} for s in studies]
         samples = load_samples(items, axis=self.axis, max_slices=self.support_slices)
-        ids = list(label_ids)
         samples = [s for s in samples if s.shows(ids)]
         missing = [o for o in ids if not any(o in s.shows(ids) for s in samples)]
         if missing:
@@ -348,10 +355,11 @@ class ProxyPromptService:
                 f"label id(s) {missing} appear in no support study ({', '.join(s.id for s in studies)}): nothing "
                 f"shows what to segment"
             )
-        stamps = [s.stamp() for s in studies]
-        key = digest(stamps, ids, self.axis, self.support_slices)
         sources = [Path(s.source).name for s in samples]
-        return Support(samples, ids, key, same_study=len(studies) < 2, sources=sources, stamps=stamps)
+        support = Support(samples, ids, key, same_study=len(studies) < 2, sources=sources, stamps=stamps)
+        with self.lock:
+            self._keep(self._supports, key, support)
+        return support
 
     def slice_support(self, image: Tensor, label: Tensor, label_ids: Sequence[int], name: str) -> Support:
         """The support set of slices a user labelled in the volume being segmented: (C, *spatial) image and its

@@ -29,7 +29,7 @@ from .checkpoint import save_ppg
 from .data.contract import Sample, load_samples, read_labels, read_split
 from .data.episodes import subject_of, to_byte_range
 from .lora import merged_lora
-from .modeling.generator import SupportEmbedding
+from .modeling.generator import Selected, SupportEmbedding
 from .modeling.proxy_sam import ProxyPromptSAM
 from .tiling import support_tile, tile_samples
 from .training import encoder_frame
@@ -508,7 +508,7 @@ def label_slices(
     return torch.cat(out)
 
 
-Z_AGREE = 0.8  # `sparse_slice_logits`: the mask Dice at which two decoded slices count as agreeing
+Z_AGREE = 0.7  # `sparse_slice_logits`: the mask Dice at which two decoded slices count as agreeing
 
 
 def sparse_slice_logits(
@@ -525,10 +525,11 @@ def sparse_slice_logits(
 ) -> Tensor:
     """(Z, N, 4h, 4w) low-res logits (CPU) of a volume's Z slices from their encoder features, with fewer decodes.
 
-    The PPG runs on every slice; the mask decoder (the costly part) first on every ``stride``-th slice and the last.
-    Then, object by object, each gap between two decoded slices is either filled or split: where the two masks agree
-    (Dice >= ``agree``, or both empty) the slices between get the logits interpolated linearly between the two ends;
-    otherwise the middle slice is decoded and both halves are looked at again, down to neighbouring slices. An object
+    The PPG's Selective map runs on every slice; its CCM and the mask decoder (the costly parts) run only for the
+    (slice, object) pairs decoded: first every ``stride``-th slice and the last. Then, object by object, each gap
+    between two decoded slices is either filled or split: where the two masks agree (Dice >= ``agree``, or both
+    empty) the slices between get the logits interpolated linearly between the two ends; otherwise the middle slice
+    is decoded and both halves are looked at again, down to neighbouring slices. An object
     the support carries to no part of a slice (``min_carried``) is background there, as with every slice decoded.
     Each round's decodes are batched per slice. ``positions``: each row's slice index in the volume (default
     0..Z-1), which sets the interpolation weights where rows are not evenly spaced (slices left out in between).
@@ -540,14 +541,20 @@ def sparse_slice_logits(
     if len(pos) != z:
         raise ValueError(f"{len(pos)} positions for {z} slices")
     device = model.backbone.device
-    parts = [model.prompts(features.select(slice(s, s + chunk)).to(device), embedding) for s in range(0, z, chunk)]
-    tokens, coarse = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    selected = Selected.cat(
+        [model.select(features.select(slice(s, s + chunk)).to(device), embedding) for s in range(0, z, chunk)]
+    )
+    coarse = selected.coarse
     keep = model.carried(coarse, min_carried).cpu()  # (Z, N)
     n, side = keep.shape[1], 4 * features.embed.shape[-1]
     logits = torch.full((z, n, side, side), -20.0)
+    tokens, colorized = None, torch.zeros_like(keep)  # the CCM runs on the pairs that get decoded only
 
     def decode(asked: Tensor) -> None:  # (Z, N) bool: the pairs to decode now
+        nonlocal tokens, colorized
         asked = asked & keep
+        tokens = model.tokens(selected, (asked & ~colorized).to(device), tokens)
+        colorized |= asked
         rows = asked.any(1).nonzero()[:, 0].tolist()
         for s in range(0, len(rows), chunk):
             at = rows[s : s + chunk]

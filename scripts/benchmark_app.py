@@ -70,6 +70,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.setdefault("MALLOC_ARENA_MAX", "1")  # as monailabel_app/README.md starts the server
     cmd = [str(Path(sys.executable).with_name("monailabel")), "start_server", "--app", str(app), "--studies"]
     cmd += [str(studies), "--conf", "models", "proxy_prompt", "--conf", "bundle", str(ROOT / "bundle")]
     cmd += ["--conf", "finetune_seconds", args.finetune_seconds, "--conf", "z_stride", args.z_stride]

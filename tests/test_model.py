@@ -324,8 +324,8 @@ def test_sparse_slices_equal_every_slice_where_no_gap_agrees(trained, monkeypatc
 
 
 def test_sparse_slices_decode_only_anchors_where_slices_agree(trained, monkeypatch) -> None:
-    """Seven copies of one slice: the anchors (0, 3, 6) agree, so only they are decoded, and the slices between get
-    the same logits as decoding them."""
+    """Seven copies of one slice: the anchors (0, 3, 6) agree, so only they are decoded (and only their proxy prompts
+    made by the CCM), and the slices between get the same logits as decoding them."""
     from ppgseg.workflows import sparse_slice_logits
 
     model, _ = trained
@@ -333,8 +333,15 @@ def test_sparse_slices_decode_only_anchors_where_slices_agree(trained, monkeypat
         support, features = _encoded(model, 2, make_targets(1).expand(7, -1, -1, -1))
         dense = model.segment_features(features, support)
         counts = _counting(model, monkeypatch)
+        colorized, colorize = [], model.generator.colorize
+
+        def counted(selected, pairs=None):
+            colorized.append(selected.ctx.shape[:2].numel() if pairs is None else len(pairs[0]))
+            return colorize(selected, pairs)
+
+        monkeypatch.setattr(model.generator, "colorize", counted)
         sparse = sparse_slice_logits(model, features, support, stride=3)
-    assert sum(counts) == 3 * 2
+    assert sum(counts) == sum(colorized) == 3 * 2
     torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4)
 
 

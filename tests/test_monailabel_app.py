@@ -62,6 +62,7 @@ def server(tmp_path_factory):
     cmd += [*conf, "--conf", "models", "proxy_prompt", "--host", "127.0.0.1", "--port", str(port)]
     log = open(tmp / "server.log", "w")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # an active venv
+    env["MALLOC_ARENA_MAX"] = "1"  # as the README starts it
     proc = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(240):
@@ -307,6 +308,14 @@ def test_an_empty_datastore_or_default_host_is_refused(tmp_path, app_code):
         check_bind_address(bind_address(["monailabel", "start_server", "--app", "x"]), auth=False)
 
 
+def test_a_server_started_without_one_malloc_arena_is_told_so(app_code, caplog):
+    from main import check_malloc_arenas
+
+    assert check_malloc_arenas({"MALLOC_ARENA_MAX": "1"})
+    if sys.platform.startswith("linux"):
+        assert not check_malloc_arenas({}) and "MALLOC_ARENA_MAX=1 monailabel start_server" in caplog.text
+
+
 def test_label_names_must_be_contiguous(tmp_path, app_code):
     from lib.configs.proxy_prompt import parse_labels
 
@@ -507,6 +516,30 @@ def test_a_broken_label_on_disk_is_skipped_and_info_answers_during_an_infer(serv
         assert "ct_007" not in params["support_ids"]
     finally:
         broken.unlink()
+
+
+def test_support_sets_are_read_once_per_file_version(tmp_path, monkeypatch):
+    """In-process: asking again with the same support studies reads none of them again; a re-submitted label (a new
+    file version) is read anew."""
+    import os
+
+    from ppgseg import build_model, serving
+    from ppgseg.serving import ProxyPromptService, Study
+
+    studies = write_studies(tmp_path / "studies", n_studies=2, n_labelled=2, shape=(40, 40, 6), seed=3)
+    service = ProxyPromptService(
+        build_model("sam_tiny", "tiny"), weights="random", cache_dir=tmp_path / "cache", finetune_seconds=0
+    )
+    labelled = [Study(f"ct_00{i}", studies / f"ct_00{i}.nii.gz", studies / "labels" / "final" / f"ct_00{i}.nii.gz")
+                for i in range(2)]  # fmt: skip
+    reads, load = [], serving.load_samples
+    monkeypatch.setattr(serving, "load_samples", lambda items, **kw: reads.append(items) or load(items, **kw))
+    first = service.study_support(labelled, list(LABELS.values()))
+    assert service.study_support(labelled, list(LABELS.values())) is first and len(reads) == 1
+    stat = labelled[1].label.stat()
+    os.utime(labelled[1].label, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    again = service.study_support(labelled, list(LABELS.values()))
+    assert len(reads) == 2 and again.key != first.key and len(again.samples) == len(first.samples)
 
 
 def test_studies_encoded_ahead_segment_as_encoded_now(tmp_path):

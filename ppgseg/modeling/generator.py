@@ -19,6 +19,20 @@ class ProxyPrompt(NamedTuple):
     coarse_mask: Tensor
 
 
+class Selected(NamedTuple):
+    """The Selective map's reading of B targets, before the CCM: f_x (B, HW, C) the standardised target features,
+    ctx (B, N, HW, C) E_ctx, coarse (B, N, H, W) the support masks carried to each target."""
+
+    f_x: Tensor
+    ctx: Tensor
+    coarse: Tensor
+
+    @staticmethod
+    def cat(parts: list[Selected]) -> Selected:
+        """Several batches' readings as one batch."""
+        return Selected(*(torch.cat(level) for level in zip(*parts, strict=True)))
+
+
 @dataclass(frozen=True)
 class SupportEmbedding:
     """What the PPG keeps of a support set; computed once, reused for every target.
@@ -97,6 +111,11 @@ class ProxyPromptGenerator(nn.Module):
         Returns:
             tokens (B, N, T, C), T = H*W/16, and the support masks carried to the target (B, N, H, W).
         """
+        selected = self.select(target, support)
+        return ProxyPrompt(self.colorize(selected), selected.coarse)
+
+    def select(self, target: Tensor, support: SupportEmbedding) -> Selected:
+        """The CSM's Selective map on B targets (the first half of `forward`): E_ctx and the carried masks."""
         target = self.standardize(target)
         b, c, h, w = target.shape
         if c != support.keys.shape[-1]:
@@ -109,9 +128,18 @@ class ProxyPromptGenerator(nn.Module):
         carried = selected[..., n * c :].transpose(1, 2)  # (B, N, HW): support masks read at each target position
         if self.mask_context is not None:
             ctx = ctx + self.mask_context(carried)
-        coarse = carried.unflatten(-1, (h, w))  # (B, N, H, W)
-        f_x = f_x.unsqueeze(1).expand(-1, n, -1, -1)  # duplicated N times (Sec. 3.2)
-        return ProxyPrompt(self.colorizer(f_x, ctx, (h, w)), coarse)
+        return Selected(f_x, ctx, carried.unflatten(-1, (h, w)))  # coarse: (B, N, H, W)
+
+    def colorize(self, selected: Selected, pairs: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """The CCM's proxy prompts P (B, N, T, C) from `select`'s reading; with ``pairs`` (target indices (M,), object
+        indices (M,)) those pairs' only, (M, T, C). Each (target, object) pair is colorized on its own, so a pair's
+        P does not depend on which others are asked."""
+        f_x, ctx = selected.f_x, selected.ctx
+        hw = tuple(selected.coarse.shape[-2:])
+        if pairs is None:  # f_x duplicated N times (Sec. 3.2)
+            return self.colorizer(f_x.unsqueeze(1).expand(-1, ctx.shape[1], -1, -1), ctx, hw)
+        at, obj = pairs
+        return self.colorizer(f_x[at].unsqueeze(1), ctx[at, obj].unsqueeze(1), hw)[:, 0]
 
 
 class MaskContext(nn.Module):

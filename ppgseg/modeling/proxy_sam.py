@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..backbones.base import Backbone, Features, mask_box
 from ..lora import lora_disabled
-from .generator import ProxyPromptGenerator, SupportEmbedding
+from .generator import ProxyPromptGenerator, Selected, SupportEmbedding
 from .prompt_route import PromptRoute
 
 
@@ -156,12 +156,29 @@ class ProxyPromptSAM(nn.Module):
         return out
 
     def _segment(self, features: Features, support: SupportEmbedding, min_carried: float) -> tuple[Tensor, Tensor]:
-        tokens, coarse = self.prompts(features, support)
-        return self.decode_kept(features, tokens, coarse, self.carried(coarse, min_carried))
+        selected = self.select(features, support)
+        keep = self.carried(selected.coarse, min_carried)
+        return self.decode_kept(features, self.tokens(selected, keep), selected.coarse, keep)
 
     def prompts(self, features: Features, support: SupportEmbedding) -> tuple[Tensor, Tensor]:
         """The PPG's output for B targets: P (B, N, T, C) and the support masks carried to each target (B, N, g, g)."""
         return self.generator(self.to_grid(features.embed), support)
+
+    def select(self, features: Features, support: SupportEmbedding) -> Selected:
+        """The PPG up to the CCM for B targets (`ProxyPromptGenerator.select`); `tokens` finishes it."""
+        return self.generator.select(self.to_grid(features.embed), support)
+
+    def tokens(self, selected: Selected, asked: Tensor, into: Tensor | None = None) -> Tensor:
+        """P (B, N, T, C) with the pairs in ``asked`` (B, N) colorized by the CCM; the others keep ``into``'s values
+        (zeros when None). The CCM runs once per (target, object) pair, so pairs the decoder will not read cost
+        nothing."""
+        if bool(asked.all()):
+            return self.generator.colorize(selected)
+        if into is None:
+            b, n, hw, c = selected.ctx.shape
+            into = selected.ctx.new_zeros(b, n, hw // self.generator.colorizer.reduction, c)
+        pairs = asked.nonzero(as_tuple=True)
+        return into.index_put(pairs, self.generator.colorize(selected, pairs)) if len(pairs[0]) else into
 
     @staticmethod
     def carried(coarse: Tensor, min_carried: float) -> Tensor:
