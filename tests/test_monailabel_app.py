@@ -542,6 +542,42 @@ def test_support_sets_are_read_once_per_file_version(tmp_path, monkeypatch):
     assert len(reads) == 2 and again.key != first.key and len(again.samples) == len(first.samples)
 
 
+def test_the_fine_tune_serves_its_best_checked_weights(tmp_path, monkeypatch):
+    """In-process: the on-the-fly fine-tune checks the support-episode loss after each share of its time; when a later
+    check is worse, the weights served are those of the best check, and the answer says so."""
+    import torch
+
+    from ppgseg import build_model, serving
+    from ppgseg.checkpoint import trainable_state
+    from ppgseg.serving import FINETUNE_CHECKS, ProxyPromptService, Study
+
+    studies = write_studies(tmp_path / "studies", n_studies=2, n_labelled=2, shape=(40, 40, 6), seed=3)
+    torch.manual_seed(0)
+    service = ProxyPromptService(
+        build_model("sam_tiny", "tiny"), weights="random", cache_dir=tmp_path / "cache", finetune_seconds=1
+    )
+    labelled = [Study(f"ct_00{i}", studies / f"ct_00{i}.nii.gz", studies / "labels" / "final" / f"ct_00{i}.nii.gz")
+                for i in range(2)]  # fmt: skip
+    support = service.study_support(labelled, list(LABELS.values()))
+    states, train = [], serving.train_episodes
+
+    def recorded(model, *args, **kwargs):
+        losses = train(model, *args, **kwargs)
+        states.append({n: v.clone() for n, v in trainable_state(model).items()})
+        return losses
+
+    checks = iter([0.9, 0.5, 0.6, 0.8])  # before training, then after each share
+    monkeypatch.setattr(serving, "train_episodes", recorded)
+    monkeypatch.setattr(service, "_check_loss", lambda bank, episodes: next(checks))
+    with service.lock:
+        _, info = service.prepare(support)
+    assert len(states) == len(FINETUNE_CHECKS) == 3
+    served = trainable_state(service.model)
+    assert all(torch.equal(served[n], states[0][n]) for n in served)
+    assert not all(torch.equal(served[n], states[-1][n]) for n in served)
+    assert "0.900 -> 0.500; weights after episode" in info["weights"] and "0.800 at the end" in info["weights"]
+
+
 def test_studies_encoded_ahead_segment_as_encoded_now(tmp_path):
     """In-process: the encoding cache gives the same labels as encoding on the spot, stays within its bound, and a
     study added through the datastore is encoded in the background."""
