@@ -200,6 +200,7 @@ class ProxyPromptService:
         self._states: OrderedDict[str, tuple[dict, str]] = OrderedDict()  # weights key -> (state, description)
         self._embeddings: OrderedDict[str, SupportEmbedding] = OrderedDict()  # weights key + support key
         self._supports: OrderedDict[str, Support] = OrderedDict()  # support key -> the slices read for it
+        self._supports_lock = threading.Lock()  # not the model's lock: reading a cached support waits for no segment
         self.inferer = NativeTileInferer(tile) if tile else None
         if tile and self.video:
             raise ValueError("tile: SAM 2's video mode propagates whole slices; leave tile unset")
@@ -353,7 +354,7 @@ class ProxyPromptService:
         ids = list(label_ids)
         stamps = [s.stamp() for s in studies]
         key = digest(stamps, ids, self.axis, self.support_slices)
-        with self.lock:
+        with self._supports_lock:
             if key in self._supports:
                 self._supports.move_to_end(key)
                 return self._supports[key]
@@ -368,7 +369,7 @@ class ProxyPromptService:
             )
         sources = [Path(s.source).name for s in samples]
         support = Support(samples, ids, key, same_study=len(studies) < 2, sources=sources, stamps=stamps)
-        with self.lock:
+        with self._supports_lock:
             self._keep(self._supports, key, support)
         return support
 
