@@ -317,8 +317,7 @@ def test_sparse_slices_equal_every_slice_where_no_gap_agrees(trained, monkeypatc
         counts = _counting(model, monkeypatch)
         sparse = sparse_slice_logits(model, features, support, stride=3, min_carried=0.3, agree=1.01)
     torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
-    _, coarse = model.prompts(features, support)
-    keep = model.carried(coarse, 0.3)
+    keep = model.carried(model.select(features, support).coarse, 0.3)
     assert 0 < int(keep.sum()) < keep.numel()  # some pairs are not carried: background, undecoded
     assert sum(counts) == int(keep.sum())  # each carried pair decoded once, no other
 

@@ -160,10 +160,6 @@ class ProxyPromptSAM(nn.Module):
         keep = self.carried(selected.coarse, min_carried)
         return self.decode_kept(features, self.tokens(selected, keep), selected.coarse, keep)
 
-    def prompts(self, features: Features, support: SupportEmbedding) -> tuple[Tensor, Tensor]:
-        """The PPG's output for B targets: P (B, N, T, C) and the support masks carried to each target (B, N, g, g)."""
-        return self.generator(self.to_grid(features.embed), support)
-
     def select(self, features: Features, support: SupportEmbedding) -> Selected:
         """The PPG up to the CCM for B targets (`ProxyPromptGenerator.select`); `tokens` finishes it."""
         return self.generator.select(self.to_grid(features.embed), support)
