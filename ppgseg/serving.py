@@ -226,7 +226,7 @@ class ProxyPromptService:
     def set_weights(self, description: str, trained_on: Sequence[str] = ()) -> None:
         """Take the model's current weights as the base (after loading new trained weights into it)."""
         with self.lock:
-            self.base = {k: v.clone() for k, v in trainable_state(self.model).items()}
+            self.base = self._snapshot()
             self.base_description, self.trained_on = description, set(trained_on)
             self.base_key = digest(description, sorted(self.trained_on))
             self._states.clear()
@@ -279,7 +279,7 @@ class ProxyPromptService:
             )
             last = self._check_loss(bank, checks)
             if last < after:
-                after, kept, best = last, len(losses), {n: v.clone() for n, v in trainable_state(self.model).items()}
+                after, kept, best = last, len(losses), self._snapshot()
         seconds = time.monotonic() - start
         what = f"{len(support.samples)} support pairs ({len(losses)} episodes, {seconds:.0f} s, support-episode loss "
         if best is not None:
@@ -308,7 +308,11 @@ class ProxyPromptService:
             return float(np.mean([loss(*net(e)).item() for e in episodes]))
 
     def _remember(self, key: str, description: str) -> None:
-        self._keep(self._states, key, ({k: v.clone() for k, v in trainable_state(self.model).items()}, description))
+        self._keep(self._states, key, (self._snapshot(), description))
+
+    def _snapshot(self) -> dict[str, Tensor]:
+        """A copy of the model's trainable weights (PPG + LoRA) as they are now."""
+        return {k: v.clone() for k, v in trainable_state(self.model).items()}
 
     def _keep(self, cache: OrderedDict, key: str, value) -> None:
         """Put ``value`` in a least-recently-used cache of ``memory`` entries."""

@@ -518,20 +518,27 @@ def test_a_broken_label_on_disk_is_skipped_and_info_answers_during_an_infer(serv
         broken.unlink()
 
 
+def labelled_studies(studies: Path, n: int) -> list:
+    """The first ``n`` generated studies with their final labels, as the service takes them."""
+    from ppgseg.serving import Study
+
+    return [Study(f"ct_{i:03d}", studies / f"ct_{i:03d}.nii.gz", studies / "labels" / "final" / f"ct_{i:03d}.nii.gz")
+            for i in range(n)]  # fmt: skip
+
+
 def test_support_sets_are_read_once_per_file_version(tmp_path, monkeypatch):
     """In-process: asking again with the same support studies reads none of them again; a re-submitted label (a new
     file version) is read anew."""
     import os
 
     from ppgseg import build_model, serving
-    from ppgseg.serving import ProxyPromptService, Study
+    from ppgseg.serving import ProxyPromptService
 
     studies = write_studies(tmp_path / "studies", n_studies=2, n_labelled=2, shape=(40, 40, 6), seed=3)
     service = ProxyPromptService(
         build_model("sam_tiny", "tiny"), weights="random", cache_dir=tmp_path / "cache", finetune_seconds=0
     )
-    labelled = [Study(f"ct_00{i}", studies / f"ct_00{i}.nii.gz", studies / "labels" / "final" / f"ct_00{i}.nii.gz")
-                for i in range(2)]  # fmt: skip
+    labelled = labelled_studies(studies, 2)
     reads, load = [], serving.load_samples
     monkeypatch.setattr(serving, "load_samples", lambda items, **kw: reads.append(items) or load(items, **kw))
     first = service.study_support(labelled, list(LABELS.values()))
@@ -549,15 +556,14 @@ def test_the_fine_tune_serves_its_best_checked_weights(tmp_path, monkeypatch):
 
     from ppgseg import build_model, serving
     from ppgseg.checkpoint import trainable_state
-    from ppgseg.serving import FINETUNE_CHECKS, ProxyPromptService, Study
+    from ppgseg.serving import FINETUNE_CHECKS, ProxyPromptService
 
     studies = write_studies(tmp_path / "studies", n_studies=2, n_labelled=2, shape=(40, 40, 6), seed=3)
     torch.manual_seed(0)
     service = ProxyPromptService(
         build_model("sam_tiny", "tiny"), weights="random", cache_dir=tmp_path / "cache", finetune_seconds=1
     )
-    labelled = [Study(f"ct_00{i}", studies / f"ct_00{i}.nii.gz", studies / "labels" / "final" / f"ct_00{i}.nii.gz")
-                for i in range(2)]  # fmt: skip
+    labelled = labelled_studies(studies, 2)
     support = service.study_support(labelled, list(LABELS.values()))
     states, train = [], serving.train_episodes
 
@@ -591,8 +597,7 @@ def test_studies_encoded_ahead_segment_as_encoded_now(tmp_path):
     torch.manual_seed(0)
     model = build_model("sam_tiny", "tiny", lora_sites=("decoder",))  # a frozen encoder, as the cpu preset's
     service = ProxyPromptService(model, weights="random", cache_dir=tmp_path / "cache", finetune_seconds=0)
-    labelled = [Study(f"ct_00{i}", studies / f"ct_00{i}.nii.gz", studies / "labels" / "final" / f"ct_00{i}.nii.gz")
-                for i in range(2)]  # fmt: skip
+    labelled = labelled_studies(studies, 2)
     support = service.study_support(labelled, list(LABELS.values()))
     target = Study("ct_002", studies / "ct_002.nii.gz")
     image = read_image(target.image)
