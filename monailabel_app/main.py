@@ -24,7 +24,10 @@ from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 
 import ppgseg
+from ppgseg.runtime import pad_heap
 from ppgseg.serving import Study
+
+pad_heap()  # keep freed heap memory: CPU forwards stop paying page faults (see ppgseg/runtime.py)
 
 logger = logging.getLogger(__name__)
 

@@ -4,9 +4,6 @@ from .build import BACKBONES, PRESETS, Preset, build_model
 from .checkpoint import load_ppg, save_ppg
 from .modeling.generator import SupportEmbedding
 from .modeling.proxy_sam import ProxyPromptSAM
-from .runtime import pad_heap
-
-pad_heap()  # keep freed heap memory, in every thread: CPU forwards stop paying page faults (see runtime.py)
 
 __all__ = [
     "BACKBONES",

@@ -1,11 +1,12 @@
-"""Process settings that make CPU inference and training faster; applied once when ppgseg is imported.
+"""Process settings that make CPU inference and training faster, opt-in: the entry points that want them (the
+bundle's configs, the MONAI Label app, the scripts, the tests) call `pad_heap` first; importing ppgseg changes nothing.
 
 glibc's malloc hands freed memory back to the kernel and asks for it again on the next large allocation, so every
 encoder forward pays page faults for its activations anew. Three settings keep that memory:
 - a 1 GiB top pad on the main heap (M_TOP_PAD): freed heap memory stays with the process;
 - one malloc arena for all threads (M_ARENA_MAX = 1): a worker thread (the MONAI Label server runs inference in
   them) otherwise gets its own small heaps, which glibc shrinks after each forward. glibc fixes its arena limit when
-  the first thread allocates, so this reaches only threads of a process that imports ppgseg before starting any;
+  the first thread allocates, so this reaches only threads of a process that calls it before starting any;
   elsewhere (the MONAI Label server) start the process with MALLOC_ARENA_MAX=1 in the environment;
 - blocks up to 32 MiB from the heap, not from mmap (M_MMAP_THRESHOLD). Setting any of these parameters turns off
   glibc's own rising mmap threshold, so without this one every activation above 128 KiB was mapped and unmapped

@@ -33,7 +33,7 @@ import torch
 from requests_toolbelt import MultipartDecoder
 
 from ppgseg.backbones import build_litemedsam
-from ppgseg.data.demo import write_studies
+from ppgseg.data.generated.families import write_studies
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = {"liver": 1, "spleen": 2, "kidney": 3}  # the generated studies' dataset.json
@@ -162,4 +162,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from ppgseg.runtime import pad_heap
+
+    pad_heap()  # freed heap memory kept: CPU forwards stop paying page faults
     main()

@@ -1,6 +1,6 @@
 """Sparse slice decoding against decoding every slice, in one process: decodes, seconds and Dice per setting.
 
-The app's path for a study whose encoding is cached (`ProxyPromptService.segment`, `workflows.sparse_slice_logits`),
+The app's path for a study whose encoding is cached (`ProxyPromptService.segment`, `sparse_slice_logits`),
 without HTTP: the generated CT-like studies of `benchmark_app.py` (same seed), the embedded default (LiteMedSAM,
 `cpu` preset, bundle default weights) fine-tuned on the fly as the app does, the support set of the first three
 studies; then each later study is encoded once and segmented with every slice decoded and with each
@@ -13,16 +13,17 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from ppgseg import build_model, workflows
+from ppgseg import build_model
 from ppgseg.checkpoint import load_ppg
-from ppgseg.data.demo import write_studies
-from ppgseg.serving import ProxyPromptService, Study
+from ppgseg.data.generated.families import write_studies
+from ppgseg.inference import DecodePolicy
+from ppgseg.io import read_image
+from ppgseg.serving import FineTuneSettings, ImageSegmenter, ProxyPromptService, Study
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = {"liver": 1, "spleen": 2, "kidney": 3}  # the generated studies' dataset.json
@@ -55,7 +56,7 @@ def main() -> None:
     model = build_model("litemedsam", "cpu")
     load_ppg(model, ROOT / "bundle" / "models" / "model.pt")
     service = ProxyPromptService(
-        model, weights="bundle default", cache_dir=work / "cache", finetune_seconds=args.finetune_seconds
+        model, weights="bundle default", cache_dir=work / "cache", finetune=FineTuneSettings(args.finetune_seconds)
     )
     label = {i: studies / "labels" / "final" / f"ct_{i:03d}.nii.gz" for i in range(3 + args.targets)}
     support = service.study_support(
@@ -69,17 +70,16 @@ def main() -> None:
         return decode_kept(features, tokens, coarse, keep)
 
     model.decode_kept = counted
-    sparse = workflows.sparse_slice_logits
     print(f"{args.slices} slices of {args.size}x{args.size}; support {support.sources}")
     for i in range(3, 3 + args.targets):
         study = Study(f"ct_{i:03d}", studies / f"ct_{i:03d}.nii.gz")
-        image = workflows.read_image(study.image)
+        image = read_image(study.image)
         truth = np.asarray(nib.load(label[i]).dataobj)
         service.segment(image, support, study=study)  # encodes the study (and fine-tunes, the first time)
         every = None
-        for stride, agree in [(1, workflows.Z_AGREE), *args.settings]:
-            service.z_stride = stride
-            workflows.sparse_slice_logits = partial(sparse, agree=agree)
+        for stride, agree in [(1, DecodePolicy.agree), *args.settings]:
+            policy = DecodePolicy(min_carried=service.segmenter.policy.min_carried, z_stride=stride, agree=agree)
+            service.segmenter = ImageSegmenter(policy)
             decoded.clear()
             start = time.perf_counter()
             out, info = service.segment(image, support, study=study)
@@ -94,9 +94,11 @@ def main() -> None:
                 f"{', '.join(f'{d:.3f}' for d in to_truth)}; to every slice {', '.join(f'{d:.3f}' for d in to_every)}",
                 flush=True,
             )
-        workflows.sparse_slice_logits = sparse
     print(f"weights: {info['weights']}")
 
 
 if __name__ == "__main__":
+    from ppgseg.runtime import pad_heap
+
+    pad_heap()  # freed heap memory kept: CPU forwards stop paying page faults
     main()

@@ -15,9 +15,9 @@ import torch
 from monai.metrics import compute_dice
 
 from ppgseg.backbones.base import mask_box
-from ppgseg.baselines.video import first_frame_box_pass, mask_prompt_pass, pseudo_box_pass
-from ppgseg.data.demo import ultrasound_video
-from ppgseg.video_protocol import video_model
+from ppgseg.data.generated.families import ultrasound_video
+from ppgseg.evaluation.baselines.video import first_frame_box_pass, mask_prompt_pass, pseudo_box_pass
+from ppgseg.evaluation.video_protocol import video_model
 
 NAMES = ["pubic_symphysis", "fetal_head"]
 
@@ -74,4 +74,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from ppgseg.runtime import pad_heap
+
+    pad_heap()  # freed heap memory kept: CPU forwards stop paying page faults
     main()

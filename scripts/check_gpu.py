@@ -45,12 +45,12 @@ import torch
 
 from ppgseg import build_model
 from ppgseg.data.contract import Sample
-from ppgseg.data.synthetic import two_object_set
+from ppgseg.data.generated.shapes import two_object_set
 from ppgseg.modeling.selective_scan import scan_backend, selective_scan, selective_scan_ref, selective_scan_torch
 from ppgseg.training import EpisodeBank, make_optimizer, train_episodes
 
 ROOT = Path(__file__).resolve().parents[1]
-LABEL_IDS = [1, 2]  # disk, square (ppgseg.data.synthetic)
+LABEL_IDS = [1, 2]  # disk, square (ppgseg.data.generated.shapes)
 
 # Loss agreement between two devices, Dice loss in [0, 1]. Step 0 runs identical weights on identical episodes, so
 # only fp32 rounding differs (other kernels and summation orders, ~1e-6 relative per op with TF32 off; mamba-ssm's
@@ -448,7 +448,7 @@ def bundle_cli(args: list[str], log: Path, timeout: int) -> subprocess.Completed
 
 
 def check_bundle(a: argparse.Namespace) -> tuple[str, str, dict]:
-    from ppgseg.data.demo import write_family
+    from ppgseg.data.generated.families import write_family
 
     work = Path(tempfile.mkdtemp(prefix="bundle_check_"))  # data and weights stay out of OUT: only the logs go there
     family = write_family(work, "fundus", n_train=8, n_val=2, n_test=4, seed=a.seed)
@@ -582,4 +582,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from ppgseg.runtime import pad_heap
+
+    pad_heap()  # freed heap memory kept: CPU forwards stop paying page faults
     main()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ppgseg import build_model
-from ppgseg.data.demo import ultrasound_video
+from ppgseg.data.generated.families import ultrasound_video
 from ppgseg.lora import is_trainable
 
 
@@ -75,4 +75,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from ppgseg.runtime import pad_heap
+
+    pad_heap()  # freed heap memory kept: CPU forwards stop paying page faults
     main()

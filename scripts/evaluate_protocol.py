@@ -7,9 +7,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ppgseg.baselines import METHODS
+from ppgseg.evaluation.baselines import METHODS
+from ppgseg.evaluation.protocol import Protocol, Settings
+from ppgseg.evaluation.report import write_report
 from ppgseg.modeling.prompt_route import ROUTES
-from ppgseg.protocol import Protocol, Settings
 from ppgseg.training import OPTIMIZERS
 
 
@@ -58,10 +59,11 @@ def main() -> None:
         train_sizes=tuple(a.train_sizes), support_sizes=tuple(a.support_sizes), studies=tuple(a.studies),
         methods=tuple(a.methods), finetune_steps=a.finetune_steps, overlays=a.overlays, seed=a.seed,
     )  # fmt: skip
-    protocol = Protocol(settings)
-    protocol.run()
-    print(f"wrote {protocol.write()}")
+    print(f"wrote {write_report(Protocol(settings).run())}")
 
 
 if __name__ == "__main__":
+    from ppgseg.runtime import pad_heap
+
+    pad_heap()  # freed heap memory kept: CPU forwards stop paying page faults
     main()

@@ -21,15 +21,16 @@ import torch
 from monai.metrics import compute_dice
 
 from ppgseg import build_model
-from ppgseg.baselines import DecoderFineTune, Pairs
-from ppgseg.baselines.base import Target
 from ppgseg.build import build_backbone
 from ppgseg.data.contract import read_labels
-from ppgseg.data.episodes import to_byte_range
-from ppgseg.protocol import ABLATIONS, LOSSES
-from ppgseg.tiling import NativeTileInferer, segment_tiled, tile_pairs, tile_samples
+from ppgseg.data.intensity import to_byte_range
+from ppgseg.data.splits import split_samples
+from ppgseg.data.tiles import tile_pairs, tile_samples
+from ppgseg.evaluation.baselines import DecoderFineTune, Pairs
+from ppgseg.evaluation.baselines.base import Target
+from ppgseg.evaluation.protocol import ABLATIONS, LOSSES
+from ppgseg.inference.tiles import NativeTileInferer, segment_tiled
 from ppgseg.training import OPTIMIZERS, EpisodeBank, make_optimizer, train_episodes
-from ppgseg.workflows import split_samples
 
 
 def evaluate(predict, tests, ids) -> tuple[list[float], float, list[list[float]]]:
@@ -159,4 +160,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from ppgseg.runtime import pad_heap
+
+    pad_heap()  # freed heap memory kept: CPU forwards stop paying page faults
     main()

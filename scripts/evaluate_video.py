@@ -9,9 +9,9 @@ import argparse
 from pathlib import Path
 
 from ppgseg.data.video import load_clips
+from ppgseg.evaluation.video_protocol import VideoProtocol, video_model
 from ppgseg.training import make_optimizer, train_episodes
-from ppgseg.video_protocol import VideoProtocol, video_model
-from ppgseg.video_training import ClipBank, VideoEpisodeNet
+from ppgseg.training.video import ClipBank, VideoEpisodeNet
 
 
 def main() -> None:
@@ -41,4 +41,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from ppgseg.runtime import pad_heap
+
+    pad_heap()  # freed heap memory kept: CPU forwards stop paying page faults
     main()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from ppgseg.data.demo import FAMILIES, write_family, write_studies
-from ppgseg.data.randomized import write_tasks
+from ppgseg.data.generated.families import FAMILIES, write_family, write_studies
+from ppgseg.data.generated.tasks import write_tasks
 from ppgseg.data.video import write_demo_videos
 
 

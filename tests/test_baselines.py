@@ -9,12 +9,12 @@ import torch
 from monai.metrics import compute_dice
 
 from ppgseg.backbones import build_sam_tiny
-from ppgseg.baselines import BASELINES, MedPerSAM, Pairs, PerSAM, ProxyPrompt, Target
-from ppgseg.baselines.base import component_at
-from ppgseg.baselines.registration import PairRegistration
 from ppgseg.build import build_model
 from ppgseg.data.contract import Sample
-from ppgseg.data.synthetic import two_object_set
+from ppgseg.data.generated.shapes import two_object_set
+from ppgseg.evaluation.baselines import BASELINES, MedPerSAM, Pairs, PerSAM, ProxyPrompt, Target
+from ppgseg.evaluation.baselines.base import component_at
+from ppgseg.evaluation.baselines.registration import PairRegistration
 
 
 def make_target(backbone, image: torch.Tensor, masks: torch.Tensor) -> Target:

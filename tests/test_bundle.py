@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 from ppgseg import build_model, save_ppg
-from ppgseg.data.demo import write_family
-from ppgseg.workflows import FolderSegmenter, SupportSet, select_objects
+from ppgseg.data.generated.families import write_family
+from ppgseg.data.splits import select_objects
+from ppgseg.inference import FolderSegmenter, SupportSet
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundle" / "configs"

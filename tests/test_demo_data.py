@@ -10,7 +10,7 @@ import pytest
 from monai.data import load_decathlon_datalist
 from monai.transforms import LoadImage
 
-from ppgseg.data.demo import FAMILIES, write_family
+from ppgseg.data.generated.families import FAMILIES, write_family
 
 
 def _digest(folder) -> str:

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from ppgseg.data.contract import Sample, load_samples, read_labels, read_split
-from ppgseg.data.demo import write_family
 from ppgseg.data.episodes import EpisodeSampler, PairAugment, subject_of
+from ppgseg.data.generated.families import write_family
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from monai.metrics import compute_dice
 
 from ppgseg import build_model
 from ppgseg.data.contract import Sample
-from ppgseg.data.synthetic import two_object_set
+from ppgseg.data.generated.shapes import two_object_set
 from ppgseg.training import EpisodeBank, train_episodes
 
 SMALL_PPG = {"vim_dim": 32, "vim_depth": 1, "vim_coarsen": 1, "ccm_heads": 4, "ccm_ffn": 256}  # a PPG quick to train
@@ -102,10 +102,10 @@ def test_short_training_on_random_tasks_raises_dice_on_held_out_tasks(tmp_path, 
     from monai.losses import DiceCELoss
 
     from ppgseg.data.contract import read_labels
-    from ppgseg.data.episodes import to_byte_range
-    from ppgseg.data.randomized import write_tasks
+    from ppgseg.data.generated.tasks import write_tasks
+    from ppgseg.data.intensity import to_byte_range
+    from ppgseg.data.splits import split_samples
     from ppgseg.training import make_optimizer
-    from ppgseg.workflows import split_samples
 
     seen = write_tasks(tmp_path / "train", n_tasks=tasks, n_images=images, size=128, seed=0)
     unseen = write_tasks(tmp_path / "held_out", n_tasks=held, n_images=3, n_test=3, size=128, seed=1)

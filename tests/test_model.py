@@ -273,7 +273,7 @@ def test_box_refine_averages_a_box_prompted_pass_and_keeps_empty_objects(trained
 
 def test_label_slices_passes_box_refine_through(trained) -> None:
     """The volume and folder paths (`segment_image` -> `label_slices`) refine exactly as `segment` does."""
-    from ppgseg.workflows import segment_image, to_label
+    from ppgseg.inference import DecodePolicy, segment_image, to_label
 
     model, _ = trained
     images, masks = make_support(2, 2)
@@ -283,7 +283,7 @@ def test_label_slices_passes_box_refine_through(trained) -> None:
         expected = to_label(model.segment(targets, support, box_refine=True), [1, 2])
         plain = to_label(model.segment(targets, support), [1, 2])
     volume = targets.permute(1, 2, 3, 0).float()  # (C, H, W, Z): slices along axis 2
-    got = segment_image(model, volume, support, [1, 2], axis=2, box_refine=True).permute(2, 0, 1)
+    got = segment_image(model, volume, support, [1, 2], axis=2, policy=DecodePolicy(box_refine=True)).permute(2, 0, 1)
     assert torch.equal(got, expected) and not torch.equal(got, plain)
 
 
@@ -308,16 +308,16 @@ def _counting(model, monkeypatch) -> list[int]:
 
 def test_sparse_slices_equal_every_slice_where_no_gap_agrees(trained, monkeypatch) -> None:
     """With nothing agreeing, bisection decodes every slice: the logits of decoding each slice, pair by pair."""
-    from ppgseg.workflows import sparse_slice_logits
+    from ppgseg.inference import DecodePolicy, sparse_slice_logits
 
     model, _ = trained
     with torch.no_grad():
         support, features = _encoded(model, 3, make_targets(7))
         dense = model.segment_features(features, support, min_carried=0.3)
         counts = _counting(model, monkeypatch)
-        sparse = sparse_slice_logits(model, features, support, stride=3, min_carried=0.3, agree=1.01)
+        sparse = sparse_slice_logits(model, features, support, DecodePolicy(z_stride=3, min_carried=0.3, agree=1.01))
     torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
-    keep = model.carried(model.select(features, support).coarse, 0.3)
+    keep = model.select(features, support).carried(0.3)
     assert 0 < int(keep.sum()) < keep.numel()  # some pairs are not carried: background, undecoded
     assert sum(counts) == int(keep.sum())  # each carried pair decoded once, no other
 
@@ -325,7 +325,7 @@ def test_sparse_slices_equal_every_slice_where_no_gap_agrees(trained, monkeypatc
 def test_sparse_slices_decode_only_anchors_where_slices_agree(trained, monkeypatch) -> None:
     """Seven copies of one slice: the anchors (0, 3, 6) agree, so only they are decoded (and only their proxy prompts
     made by the CCM), and the slices between get the same logits as decoding them."""
-    from ppgseg.workflows import sparse_slice_logits
+    from ppgseg.inference import DecodePolicy, sparse_slice_logits
 
     model, _ = trained
     with torch.no_grad():
@@ -339,33 +339,33 @@ def test_sparse_slices_decode_only_anchors_where_slices_agree(trained, monkeypat
             return colorize(selected, pairs)
 
         monkeypatch.setattr(model.generator, "colorize", counted)
-        sparse = sparse_slice_logits(model, features, support, stride=3)
+        sparse = sparse_slice_logits(model, features, support, DecodePolicy(z_stride=3))
     assert sum(counts) == sum(colorized) == 3 * 2
     torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4)
 
 
 def test_sparse_slices_interpolate_by_slice_position(trained) -> None:
     """Rows at slices 0, 3 and 4 of a volume (slices 1, 2 left out): the middle row lies 3/4 of the way."""
-    from ppgseg.workflows import sparse_slice_logits
+    from ppgseg.inference import DecodePolicy, sparse_slice_logits
 
     model, _ = trained
     with torch.no_grad():
         support, features = _encoded(model, 2, make_targets(3))
         dense = model.segment_features(features, support)
-        sparse = sparse_slice_logits(model, features, support, stride=2, positions=[0, 3, 4], agree=0.0)
+        sparse = sparse_slice_logits(model, features, support, DecodePolicy(z_stride=2, agree=0.0), positions=[0, 3, 4])
     torch.testing.assert_close(sparse[[0, 2]], dense[[0, 2]], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sparse[1], 0.25 * dense[0] + 0.75 * dense[2], atol=1e-5, rtol=1e-5)
 
 
 def test_segment_image_z_stride_needs_features(model) -> None:
-    from ppgseg.workflows import segment_image
+    from ppgseg.inference import DecodePolicy, segment_image
 
     images, masks = make_support(2, 2)
     with torch.no_grad():
         support = model.encode_support(images, masks)
     volume = make_targets(3).permute(1, 2, 3, 0).float()
     with pytest.raises(ValueError, match="z_stride > 1 needs"):
-        segment_image(model, volume, support, [1, 2], z_stride=2)
+        segment_image(model, volume, support, [1, 2], policy=DecodePolicy(z_stride=2))
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------------

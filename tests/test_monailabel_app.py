@@ -21,7 +21,7 @@ import requests
 from fastapi import HTTPException
 from requests_toolbelt import MultipartDecoder
 
-from ppgseg.data.demo import write_studies
+from ppgseg.data.generated.families import write_studies
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = {"liver": 1, "spleen": 2, "kidney": 3}
@@ -331,7 +331,7 @@ def test_2d_images_are_segmented_in_their_own_format_and_size(tmp_path, app_code
     """In-process (no server): a datastore of PNG fundus-like images, two with final labels."""
     from PIL import Image
 
-    from ppgseg.data.demo import write_family
+    from ppgseg.data.generated.families import write_family
 
     family = write_family(tmp_path / "data", "fundus", n_train=3, n_val=0, n_test=0, seed=2)
     studies = tmp_path / "studies"
@@ -531,16 +531,18 @@ def test_support_sets_are_read_once_per_file_version(tmp_path, monkeypatch):
     file version) is read anew."""
     import os
 
-    from ppgseg import build_model, serving
-    from ppgseg.serving import ProxyPromptService
+    from ppgseg import build_model
+    from ppgseg.serving import FineTuneSettings, ProxyPromptService
+    from ppgseg.serving import studies as support_reading
 
     studies = write_studies(tmp_path / "studies", n_studies=2, n_labelled=2, shape=(40, 40, 6), seed=3)
     service = ProxyPromptService(
-        build_model("sam_tiny", "tiny"), weights="random", cache_dir=tmp_path / "cache", finetune_seconds=0
-    )
+        build_model("sam_tiny", "tiny"), weights="random", cache_dir=tmp_path / "cache",
+        finetune=FineTuneSettings(seconds=0),
+    )  # fmt: skip
     labelled = labelled_studies(studies, 2)
-    reads, load = [], serving.load_samples
-    monkeypatch.setattr(serving, "load_samples", lambda items, **kw: reads.append(items) or load(items, **kw))
+    reads, load = [], support_reading.load_samples
+    monkeypatch.setattr(support_reading, "load_samples", lambda items, **kw: reads.append(items) or load(items, **kw))
     first = service.study_support(labelled, list(LABELS.values()))
     assert service.study_support(labelled, list(LABELS.values())) is first and len(reads) == 1
     stat = labelled[1].label.stat()
@@ -554,18 +556,21 @@ def test_the_fine_tune_serves_its_best_checked_weights(tmp_path, monkeypatch):
     check is worse, the weights served are those of the best check, and the answer says so."""
     import torch
 
-    from ppgseg import build_model, serving
+    from ppgseg import build_model
     from ppgseg.checkpoint import trainable_state
-    from ppgseg.serving import FINETUNE_CHECKS, ProxyPromptService
+    from ppgseg.serving import FineTuneSettings, ProxyPromptService
+    from ppgseg.training import finetune
+    from ppgseg.training.finetune import FINETUNE_CHECKS
 
     studies = write_studies(tmp_path / "studies", n_studies=2, n_labelled=2, shape=(40, 40, 6), seed=3)
     torch.manual_seed(0)
     service = ProxyPromptService(
-        build_model("sam_tiny", "tiny"), weights="random", cache_dir=tmp_path / "cache", finetune_seconds=1
-    )
+        build_model("sam_tiny", "tiny"), weights="random", cache_dir=tmp_path / "cache",
+        finetune=FineTuneSettings(seconds=1),
+    )  # fmt: skip
     labelled = labelled_studies(studies, 2)
     support = service.study_support(labelled, list(LABELS.values()))
-    states, train = [], serving.train_episodes
+    states, train = [], finetune.train_episodes
 
     def recorded(model, *args, **kwargs):
         losses = train(model, *args, **kwargs)
@@ -573,8 +578,8 @@ def test_the_fine_tune_serves_its_best_checked_weights(tmp_path, monkeypatch):
         return losses
 
     checks = iter([0.9, 0.5, 0.6, 0.8])  # before training, then after each share
-    monkeypatch.setattr(serving, "train_episodes", recorded)
-    monkeypatch.setattr(service, "_check_loss", lambda bank, episodes: next(checks))
+    monkeypatch.setattr(finetune, "train_episodes", recorded)
+    monkeypatch.setattr(service.weights.finetune, "check_loss", lambda model, bank, episodes: next(checks))
     with service.lock:
         _, info = service.prepare(support)
     assert len(states) == len(FINETUNE_CHECKS) == 3
@@ -590,13 +595,16 @@ def test_studies_encoded_ahead_segment_as_encoded_now(tmp_path):
     import torch
 
     from ppgseg import build_model
-    from ppgseg.serving import EncodingCache, ProxyPromptService, Study
-    from ppgseg.workflows import encode_slices, read_image
+    from ppgseg.inference import encode_slices
+    from ppgseg.io import read_image
+    from ppgseg.serving import EncodingCache, FineTuneSettings, ProxyPromptService, Study
 
     studies = write_studies(tmp_path / "studies", n_studies=3, n_labelled=2, shape=(40, 40, 6), seed=3)
     torch.manual_seed(0)
     model = build_model("sam_tiny", "tiny", lora_sites=("decoder",))  # a frozen encoder, as the cpu preset's
-    service = ProxyPromptService(model, weights="random", cache_dir=tmp_path / "cache", finetune_seconds=0)
+    service = ProxyPromptService(
+        model, weights="random", cache_dir=tmp_path / "cache", finetune=FineTuneSettings(seconds=0)
+    )
     labelled = labelled_studies(studies, 2)
     support = service.study_support(labelled, list(LABELS.values()))
     target = Study("ct_002", studies / "ct_002.nii.gz")
@@ -607,12 +615,13 @@ def test_studies_encoded_ahead_segment_as_encoded_now(tmp_path):
     assert info1["study_encoding"].startswith("encoded now") and info2["study_encoding"] == "cached"
     assert torch.equal(plain, first) and torch.equal(again[..., [0, 2, 3, 4, 5]], plain[..., [0, 2, 3, 4, 5]])
     assert not again[..., 1].any()
-    one = service.features.path(service.features_key(target)).stat().st_size
+    encoder = service.encoder
+    one = encoder.cache.path(encoder.key(target)).stat().st_size
     small = EncodingCache(tmp_path / "small", max_bytes=int(1.5 * one))  # room for one study only
     for s in labelled:
         small.put(s.id, encode_slices(model, read_image(s.image), axis=2))
     assert [p.stem for p in (tmp_path / "small").glob("*.pt")] == ["ct_001"]  # the older one went
-    assert service.features_key(labelled[0]) not in service.features
+    assert labelled[0] not in encoder
     service.prefetch(labelled[0])
-    service._queue.join()
-    assert service.features_key(labelled[0]) in service.features
+    encoder.join()
+    assert labelled[0] in encoder

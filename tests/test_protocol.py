@@ -6,9 +6,10 @@ import json
 
 import numpy as np
 
-from ppgseg.baselines import METHODS
-from ppgseg.data.demo import write_family
-from ppgseg.protocol import ROUTE_ABLATIONS, Protocol, Settings
+from ppgseg.data.generated.families import write_family
+from ppgseg.evaluation.baselines import METHODS
+from ppgseg.evaluation.protocol import ROUTE_ABLATIONS, Protocol, Settings
+from ppgseg.evaluation.report import write_report
 
 
 def test_tiny_protocol_writes_every_section(tmp_path):
@@ -19,8 +20,9 @@ def test_tiny_protocol_writes_every_section(tmp_path):
         optimizer="adamw", lr=1e-3,
     )  # fmt: skip
     p = Protocol(s)
-    res = p.run()
-    text = p.write().read_text()
+    result = p.run()
+    res = result.results
+    text = write_report(result).read_text()
     assert "trains 2 episodes (AdamW, lr 0.001, Dice loss)" in text
     for heading in ("## Table 1", "### Latency", "## Table 2", "## Prompt routes", "## Fig. 7", "## Fig. 4"):
         assert heading in text
@@ -88,8 +90,9 @@ def test_zero_training_evaluates_the_start_weights_as_they_are(tmp_path):
     main = p.train(p.model(), 4)
     for (name, a), b in zip(main.generator.state_dict().items(), start.generator.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    res = p.run()
+    result = p.run()
+    res = result.results
     assert set(res["fig7"]) == {"4,1", "4,2", "4,4"}
     assert set(res["objects"]) == {"1", "2"} and all(len(v) == 2 for v in res["objects"].values())
-    text = p.write().read_text()
+    text = write_report(result).read_text()
     assert "No training" in text and "## Objects asked at once" in text and (s.out / "objects_asked.png").is_file()

@@ -9,8 +9,8 @@ import pytest
 from scipy import ndimage
 
 from ppgseg.data.contract import read_labels
-from ppgseg.data.randomized import draw_image, draw_recipe, write_tasks
-from ppgseg.workflows import split_samples
+from ppgseg.data.generated.tasks import draw_image, draw_recipe, write_tasks
+from ppgseg.data.splits import split_samples
 
 
 def files(folder):

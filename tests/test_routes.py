@@ -9,8 +9,9 @@ from test_model import H, W, make_support, make_targets, tiny_model
 
 from ppgseg import load_ppg, save_ppg
 from ppgseg.data.contract import Sample
+from ppgseg.data.tiles import starts, tile_pairs, tile_samples
+from ppgseg.inference.tiles import segment_tiled
 from ppgseg.modeling.prompt_route import ROUTES
-from ppgseg.tiling import segment_tiled, starts, tile_pairs, tile_samples
 
 
 @pytest.mark.parametrize("route", sorted(ROUTES))

@@ -158,7 +158,7 @@ def test_video_episodes_take_another_subjects_support_and_learn(video_model, dem
 
     from ppgseg.data.video import load_clips
     from ppgseg.training import train_episodes
-    from ppgseg.video_training import ClipBank, VideoEpisodeNet
+    from ppgseg.training.video import ClipBank, VideoEpisodeNet
 
     bank = ClipBank(video_model, load_clips(demo_videos, "training"), [1, 2], length=2)
     assert [len(f) for f in bank.frames] == [4, 4, 4] and bank.x[0].shape == (4, 3, 256, 256)
@@ -187,7 +187,7 @@ def test_video_episodes_take_another_subjects_support_and_learn(video_model, dem
 
 
 def test_video_baselines_run_in_the_same_harness(video_model, clip):
-    from ppgseg.baselines.video import first_frame_box_pass, mask_prompt_pass, pseudo_box_pass
+    from ppgseg.evaluation.baselines.video import first_frame_box_pass, mask_prompt_pass, pseudo_box_pass
 
     frames, two, _ = clip
     with torch.no_grad():
@@ -221,7 +221,7 @@ def test_video_inference_through_the_bundle_on_frames_and_volumes(demo_videos, t
     from PIL import Image
     from test_bundle import CONFIGS, bundle_run
 
-    from ppgseg.data.demo import write_family
+    from ppgseg.data.generated.families import write_family
 
     frames_in = tmp_path / "frames"
     frames_in.mkdir()
@@ -256,15 +256,16 @@ def test_video_inference_through_the_bundle_on_frames_and_volumes(demo_videos, t
 def test_label_app_service_propagates_volumes_with_sam2(video_model, tmp_path):
     import nibabel as nib
 
-    from ppgseg.data.demo import write_studies
-    from ppgseg.serving import ProxyPromptService, Study
-    from ppgseg.workflows import read_image
+    from ppgseg.data.generated.families import write_studies
+    from ppgseg.io import read_image
+    from ppgseg.serving import ProxyPromptService, Study, VideoSegmenter
 
     folder = write_studies(tmp_path / "studies", n_studies=3, n_labelled=2, shape=(48, 48, 6), seed=2)
     studies = sorted(folder.glob("*.nii.gz"))
     labelled = [Study(p.name.split(".")[0], p, folder / "labels" / "final" / p.name) for p in studies[:2]]
-    service = ProxyPromptService(video_model, weights="random", cache_dir=tmp_path / "cache", support_slices=2)
-    assert service.video
+    service = ProxyPromptService(
+        video_model, weights="random", cache_dir=tmp_path / "cache", segmenter=VideoSegmenter(), support_slices=2
+    )
     support = service.study_support(labelled, [1, 2, 3])
     image = read_image(studies[2])
     label, info = service.segment(image, support)
@@ -287,7 +288,7 @@ def test_the_prepared_gpu_check_runs_on_cpu_at_toy_size():
 
 
 def test_fig4_video_comparison_writes_every_method(video_model, demo_videos, tmp_path):
-    from ppgseg.video_protocol import SUPPORT_METHODS, TARGET_METHODS, VideoProtocol
+    from ppgseg.evaluation.video_protocol import SUPPORT_METHODS, TARGET_METHODS, VideoProtocol
 
     protocol = VideoProtocol(video_model, demo_videos, draws=2, seed=1)
     res = protocol.run()

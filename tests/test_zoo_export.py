@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ppgseg.data.demo import write_family
+from ppgseg.data.generated.families import write_family
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"

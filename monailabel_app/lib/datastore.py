@@ -14,7 +14,7 @@ import torch
 from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 
-from ppgseg.workflows import read_image, write_label
+from ppgseg.io import read_image, write_label
 
 logger = logging.getLogger(__name__)
 

@@ -197,3 +197,9 @@ class Backbone(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def encoder_frame(backbone: Backbone, image: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """One (C, H, W) image and its (N, H, W) masks -> (1, 3, S, S) encoder input and (1, N, S, S) masks."""
+    x, geo = backbone.preprocess(image[None])
+    return x, backbone.preprocess_masks(masks[None], geo)

@@ -44,15 +44,6 @@ class PairAugment:
         return x.float(), (m > 0.5).float()
 
 
-def to_byte_range(image: Tensor) -> Tensor:
-    """(C, H, W) as read -> float in [0, 255], 3 channels; values outside [0, 255] (CT in HU) are min-max scaled."""
-    img = image.float()
-    lo, hi = img.min(), img.max()
-    if lo < 0 or hi > 255:
-        img = (img - lo) / (hi - lo).clamp_min(1e-8) * 255
-    return img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
-
-
 def subject_of(sample: Sample) -> str:
     """The study a sample comes from: slices of one volume share it (``path#axis:index`` -> ``path``)."""
     return sample.source.split("#", 1)[0]

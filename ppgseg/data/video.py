@@ -8,17 +8,19 @@ studies by `load_samples`; 2D frames are read as listed.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from .contract import Sample, load_samples, read_split
 from .convert import split_ids, write_contract
-from .demo import ultrasound_video
-from .episodes import to_byte_range
+from .generated.families import ultrasound_video
+from .intensity import to_byte_range
 
 FRAME = re.compile(r"^(?P<video>.+)_(?P<frame>\d+)$")
 
@@ -93,3 +95,18 @@ def write_demo_videos(
     splits = split_ids(list(video), n_train, n_val, seed, group=video.__getitem__)
     labels = {1: "pubic_symphysis", 2: "fetal_head"}
     return write_contract(Path(root) / "ultrasound_video", "ppgseg demo ultrasound video", labels, pairs, splits)
+
+
+class ClipDataset(Dataset):
+    """The clips of one split: dicts of image (F, 3, H, W) in [0, 255], label (F, N, H, W) one channel per requested
+    object, and source (the clip's name). Use with ``DataLoader(batch_size=None)``."""
+
+    def __init__(self, folder: str | Path, label_ids: Sequence[int], *, split: str = "validation", axis: int = 2):
+        self.clips, self.label_ids = load_clips(folder, split, axis=axis), list(label_ids)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int) -> dict:
+        c: Clip = self.clips[index]
+        return {"image": c.byte_frames(), "label": c.masks(self.label_ids), "source": c.name}

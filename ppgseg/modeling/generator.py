@@ -32,6 +32,15 @@ class Selected(NamedTuple):
         """Several batches' readings as one batch."""
         return Selected(*(torch.cat(level) for level in zip(*parts, strict=True)))
 
+    def rows(self, index: list[int] | slice) -> Selected:
+        """The reading of some of the B targets."""
+        return Selected(self.f_x[index], self.ctx[index], self.coarse[index])
+
+    def carried(self, min_carried: float) -> Tensor:
+        """(B, N) True where object n's carried mask reaches ``min_carried`` somewhere on target b (all at 0)."""
+        peak = self.coarse.flatten(2).amax(2)
+        return peak >= min_carried if min_carried > 0 else torch.ones_like(peak, dtype=torch.bool)
+
 
 @dataclass(frozen=True)
 class SupportEmbedding:

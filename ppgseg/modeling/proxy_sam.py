@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..backbones.base import Backbone, Features, mask_box
 from ..lora import lora_disabled
+from .checks import check_in_frame, check_support
 from .generator import ProxyPromptGenerator, Selected, SupportEmbedding
 from .prompt_route import PromptRoute
 
@@ -126,10 +127,27 @@ class ProxyPromptSAM(nn.Module):
 
         ``box_refine``: see `refine_with_box`; the IoU returned stays the first pass's.
         """
-        logits, iou = self._segment(features, support, min_carried)
+        selected = self.select(features, support)
+        logits, iou = self.decode(features, selected, selected.carried(min_carried), box_refine=box_refine)
+        return (logits, iou) if with_iou else logits
+
+    def decode(
+        self, features: Features, selected: Selected, asked: Tensor | None = None, *, box_refine: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """The one decoding step after `select`: B targets' features and the Selective map's reading of them ->
+        (B, N, 4H, 4W) low-res logits in the padded input frame and the decoder's predicted IoU (B, N).
+
+        The CCM and the mask decoder run on the (target, object) pairs in ``asked`` (B, N) only (default: all); the
+        others are background (logit -20, IoU 0) at no cost. A pair's result does not depend on which others are
+        asked, so a caller may decode a volume's slices in any order and number (`inference.sparse`).
+        ``box_refine``: see `refine_with_box`; the IoU returned stays the first pass's.
+        """
+        if asked is None:
+            asked = selected.coarse.new_ones(selected.coarse.shape[:2], dtype=torch.bool)
+        logits, iou = self.decode_kept(features, self.tokens(selected, asked), selected.coarse, asked)
         if box_refine and self.route.uses_decoder:
             logits = self.refine_with_box(features, logits)
-        return (logits, iou) if with_iou else logits
+        return logits, iou
 
     def refine_with_box(self, features: Features, low: Tensor) -> Tensor:
         """A second, self-prompted pass: each object's mask from the first pass gives a box around it, the backbone
@@ -155,32 +173,19 @@ class ProxyPromptSAM(nn.Module):
         out[at, obj] = (low[at, obj] + second[:, 0]) / 2
         return out
 
-    def _segment(self, features: Features, support: SupportEmbedding, min_carried: float) -> tuple[Tensor, Tensor]:
-        selected = self.select(features, support)
-        keep = self.carried(selected.coarse, min_carried)
-        return self.decode_kept(features, self.tokens(selected, keep), selected.coarse, keep)
-
     def select(self, features: Features, support: SupportEmbedding) -> Selected:
-        """The PPG up to the CCM for B targets (`ProxyPromptGenerator.select`); `tokens` finishes it."""
+        """The PPG up to the CCM for B targets (`ProxyPromptGenerator.select`); `decode` finishes it."""
         return self.generator.select(self.to_grid(features.embed), support)
 
-    def tokens(self, selected: Selected, asked: Tensor, into: Tensor | None = None) -> Tensor:
-        """P (B, N, T, C) with the pairs in ``asked`` (B, N) colorized by the CCM; the others keep ``into``'s values
-        (zeros when None). The CCM runs once per (target, object) pair, so pairs the decoder will not read cost
-        nothing."""
+    def tokens(self, selected: Selected, asked: Tensor) -> Tensor:
+        """P (B, N, T, C) with the pairs in ``asked`` (B, N) colorized by the CCM, zeros elsewhere. The CCM runs once
+        per (target, object) pair, so pairs the decoder will not read cost nothing."""
         if bool(asked.all()):
             return self.generator.colorize(selected)
-        if into is None:
-            b, n, hw, c = selected.ctx.shape
-            into = selected.ctx.new_zeros(b, n, hw // self.generator.colorizer.reduction, c)
+        b, n, hw, c = selected.ctx.shape
+        into = selected.ctx.new_zeros(b, n, hw // self.generator.colorizer.reduction, c)
         pairs = asked.nonzero(as_tuple=True)
         return into.index_put(pairs, self.generator.colorize(selected, pairs)) if len(pairs[0]) else into
-
-    @staticmethod
-    def carried(coarse: Tensor, min_carried: float) -> Tensor:
-        """(B, N) True where object n's carried mask reaches ``min_carried`` somewhere on target b (all at 0)."""
-        peak = coarse.flatten(2).amax(2)
-        return peak >= min_carried if min_carried > 0 else torch.ones_like(peak, dtype=torch.bool)
 
     def decode_kept(self, features: Features, tokens: Tensor, coarse: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
         """(B, N, 4H, 4W) low-res logits and IoU (B, N) of the (target, object) pairs in ``keep`` (B, N); the others
@@ -202,36 +207,3 @@ class ProxyPromptSAM(nn.Module):
     def forward(self, targets: Tensor, support_images: Tensor, support_masks: Tensor) -> Tensor:
         """Uncached: encode the support set and segment the targets in one call."""
         return self.segment(targets, self.encode_support(support_images, support_masks))
-
-
-def check_support(images: Tensor, masks: Tensor) -> None:
-    """Raise ValueError naming what is wrong with a support set."""
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"support images must be (K, 1 or 3, H, W), got shape {tuple(images.shape)}")
-    if images.shape[0] == 0:
-        raise ValueError("the support set is empty (K = 0): give at least one image-mask pair")
-    if masks.dim() != 4:
-        raise ValueError(f"support masks must be (K, N, H, W), got shape {tuple(masks.shape)}")
-    if masks.shape[0] != images.shape[0]:
-        raise ValueError(f"{masks.shape[0]} support masks for {images.shape[0]} support images (K must match)")
-    if masks.shape[1] == 0:
-        raise ValueError("support masks have no object (N = 0)")
-    if masks.shape[-2:] != images.shape[-2:]:
-        raise ValueError(f"support mask {tuple(masks.shape[-2:])} does not match image {tuple(images.shape[-2:])}")
-    if masks.dtype != torch.bool and not bool(((masks == 0) | (masks == 1)).all()):
-        raise ValueError(f"support masks must be binary (0/1); found values {masks.unique()[:8].tolist()}")
-    empty = [n for n in range(masks.shape[1]) if not bool(masks[:, n].any())]
-    if empty:
-        raise ValueError(f"support object(s) {empty} are empty in every support pair: nothing shows what to segment")
-
-
-def check_in_frame(raw: Tensor, framed: Tensor, what: str, size: tuple[int, int] | None = None) -> None:
-    """Raise ValueError if an object drawn in ``raw`` (N, H0, W0) is empty in ``framed`` (N, S, S), the masks brought
-    to the model's frame: the model would be asked to follow (or learn) a mask that is not there."""
-    lost = [n for n in range(raw.shape[0]) if bool(raw[n].any()) and not bool(framed[n].any())]
-    if lost:
-        at = f" at the encoder's {size[0]}x{size[1]}" if size else " in the encoder's frame"
-        raise ValueError(
-            f"{what}: object(s) {lost} drawn in the {tuple(raw.shape[-2:])} mask vanish{at} (too thin or small "
-            f"for the resize); use tiles at native resolution or draw the object larger"
-        )

@@ -9,8 +9,8 @@ import numpy as np
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.configs.proxy_prompt import ProxyPromptConfig
+from ppgseg.io import read_image
 from ppgseg.serving import Study
-from ppgseg.workflows import read_image
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,10 @@ from fastapi import HTTPException
 
 from ppgseg import build_model
 from ppgseg.checkpoint import load_ppg
-from ppgseg.serving import ProxyPromptService, Study
-from ppgseg.workflows import read_image
+from ppgseg.inference import DecodePolicy
+from ppgseg.io import read_image
+from ppgseg.modeling.proxy_sam2_video import ProxyPromptVideo
+from ppgseg.serving import FineTuneSettings, ImageSegmenter, ProxyPromptService, Study, VideoSegmenter
 
 logger = logging.getLogger(__name__)
 
@@ -116,23 +118,28 @@ class ProxyPromptConfig:
             self.num_support, self.support_slices, self.axis = (
                 int(c[k]) for k in ("num_support", "support_slices", "axis")
             )
-            self.finetune_seconds, self.finetune_lr = float(c["finetune_seconds"]), float(c["finetune_lr"])
-            self.finetune_drawn_seconds = float(c["finetune_drawn_seconds"])
+            finetune_seconds, finetune_lr = float(c["finetune_seconds"]), float(c["finetune_lr"])
+            finetune_drawn_seconds = float(c["finetune_drawn_seconds"])
             self.seed = int(c["seed"])
             self.encode_cache_bytes = int(float(c["encode_cache_gb"]) * 2**30)
             self.tile = int(c["tile"]) if c["tile"] else None
-            self.min_carried = float(c["min_carried"])
-            self.z_stride = int(c["z_stride"])
+            min_carried, z_stride = float(c["min_carried"]), int(c["z_stride"])
         except ValueError as err:
             raise ValueError(
                 "--conf num_support, support_slices, axis, finetune_seconds, finetune_lr, seed, tile, encode_cache_gb, "
                 f"min_carried, z_stride: not a number ({err})"
             ) from err
-        if self.z_stride < 1:
-            raise ValueError(f"--conf z_stride: 1 or more (1: decode every slice), got {self.z_stride}")
         if str(c["box_refine"]).lower() not in ("true", "false"):
             raise ValueError(f"--conf box_refine: 'true' or 'false', got {c['box_refine']!r}")
-        self.box_refine = str(c["box_refine"]).lower() == "true"
+        try:
+            self.policy = DecodePolicy(
+                min_carried=min_carried, box_refine=str(c["box_refine"]).lower() == "true", z_stride=z_stride
+            )
+            self.finetune = FineTuneSettings(finetune_seconds, finetune_drawn_seconds, finetune_lr, self.seed)
+        except ValueError as err:
+            raise ValueError(f"--conf: {err}") from err
+        if self.tile and self.backbone == "sam2":
+            raise ValueError("--conf tile: SAM 2's video mode propagates whole slices; leave tile unset")
         self.explicit_ppg = Path(c["ppg_checkpoint"]) if c["ppg_checkpoint"] else None
         self.model_dir = self.app_dir / "model"
         self.trained = self.model_dir / "proxy_prompt.pt"  # what the train task writes
@@ -167,22 +174,17 @@ class ProxyPromptConfig:
                 model = build_model(self.backbone, self.preset, self.checkpoint, video=self.backbone == "sam2")
                 if path is not None:
                     load_ppg(model, path)
+                video = isinstance(model, ProxyPromptVideo)
                 self._service = ProxyPromptService(
                     model,
                     weights=description,
                     cache_dir=self.model_dir / "cache",
+                    segmenter=VideoSegmenter(self.policy) if video else ImageSegmenter(self.policy, self.tile),
                     axis=self.axis,
                     support_slices=self.support_slices,
-                    finetune_seconds=self.finetune_seconds,
-                    finetune_drawn_seconds=self.finetune_drawn_seconds,
-                    finetune_lr=self.finetune_lr,
+                    finetune=self.finetune,
                     trained_on=trained_on,
-                    seed=self.seed,
                     encode_cache_bytes=self.encode_cache_bytes,
-                    tile=self.tile,
-                    min_carried=self.min_carried,
-                    box_refine=self.box_refine,
-                    z_stride=self.z_stride,
                 )
             elif version != self._loaded and path is not None:
                 with self._service.lock:

@@ -15,8 +15,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.configs.proxy_prompt import ProxyPromptConfig, bad_request
 from lib.datastore import PANEL_LAYERS, segment_values
+from ppgseg.io import read_image, write_label
 from ppgseg.serving import Study
-from ppgseg.workflows import read_image, write_label
 
 logger = logging.getLogger(__name__)
 
