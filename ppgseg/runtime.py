@@ -26,6 +26,7 @@ import os
 M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -2, -3, -8  # glibc mallopt parameters
 MMAP_FROM = 32 * 2**20  # the largest threshold glibc accepts on 64-bit systems
 logger = logging.getLogger(__name__)
+padded_mb: int | None = None  # the top pad `pad_heap` set in this process (None: malloc left as glibc starts it)
 
 
 def pad_heap(megabytes: int | None = None) -> bool:
@@ -47,5 +48,7 @@ def pad_heap(megabytes: int | None = None) -> bool:
         )
     except OSError:
         done = False
+    global padded_mb
+    padded_mb = megabytes if done else padded_mb
     logger.debug(f"heap top pad {megabytes} MB, one arena, mmap from 32 MiB: {'set' if done else 'not available here'}")
     return done

@@ -352,7 +352,7 @@ def test_2d_images_are_segmented_in_their_own_format_and_size(tmp_path, app_code
     assert sorted(out["params"]["support_ids"]) == ["fundus_000", "fundus_001"]
     # native-resolution tiles (--conf tile): the support cut into the same tiles, the answer at the image's size
     tiled = ProxyPromptApp(str(copy_app(tmp_path / "tiled")), str(studies), {**conf, "tile": "128"})
-    assert tiled.config.service().inferer.tile == 128
+    assert tiled.config.service().segmenter.inferer.tile == 128
     out = tiled.infer({"model": "proxy_prompt", "image": "fundus_002", "labels": "optic_disc,optic_cup"})
     written = np.asarray(Image.open(out["file"]))
     assert written.shape == (256, 256) and set(np.unique(written).tolist()) <= {0, 1, 2}

@@ -1,4 +1,4 @@
-"""Process settings applied on import (runtime.py)."""
+"""Process settings for CPU speed (runtime.py), opt-in at the entry points."""
 
 from __future__ import annotations
 
@@ -60,3 +60,15 @@ def test_large_blocks_are_reused_not_mapped_anew() -> None:
 
     assert faults("top_pad_only") > 6 * 4096
     assert faults("pad_heap") < 4096
+
+
+def test_importing_ppgseg_leaves_malloc_alone() -> None:
+    """A host process that imports ppgseg keeps its malloc settings; the entry points call `pad_heap` themselves."""
+    import subprocess
+
+    code = "import ppgseg, ppgseg.serving, ppgseg.inference, ppgseg.runtime as r; print(r.padded_mb)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] == "None"
+    code = "import ppgseg.runtime as r; r.pad_heap(64); print(r.padded_mb)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] == ("64" if sys.platform.startswith("linux") and ctypes.util.find_library("c") else "None")
