@@ -358,6 +358,26 @@ def test_2d_images_are_segmented_in_their_own_format_and_size(tmp_path, app_code
     assert written.shape == (256, 256) and set(np.unique(written).tolist()) <= {0, 1, 2}
 
 
+def test_auto_segmentation_with_the_shipped_weights_reaches_its_dice_floor(tmp_path, app_code):
+    """In-process, the app as shipped (LiteMedSAM, the bundle's default weights, the app's decoding defaults; the
+    on-the-fly fine-tune off to keep it short): three labelled CT-like studies segment a fourth. Measured: liver
+    0.805, spleen 0.703, kidney 0.534 (mean 0.681); the same request with an untrained PPG: 0.364, 0.000, 0.000."""
+    from main import ProxyPromptApp
+
+    studies = write_studies(tmp_path / "studies", n_studies=4, n_labelled=3, shape=(48, 48, 10), seed=1)
+    truth = write_studies(tmp_path / "truth", n_studies=4, n_labelled=4, shape=(48, 48, 10), seed=1)
+    app = ProxyPromptApp(str(copy_app(tmp_path)), str(studies), {"finetune_seconds": "0", "bundle": str(ROOT / "bundle")})
+    out = app.infer({"model": "proxy_prompt", "image": "ct_003"})
+    assert sorted(out["params"]["support_ids"]) == ["ct_000", "ct_001", "ct_002"]
+    assert out["params"]["weights"].startswith("bundle default")
+    label = np.asarray(nib.load(out["file"]).dataobj)
+    want = np.asarray(nib.load(truth / "labels" / "final" / "ct_003.nii.gz").dataobj)
+    dice = {
+        n: 2 * ((label == v) & (want == v)).sum() / ((label == v).sum() + (want == v).sum()) for n, v in LABELS.items()
+    }
+    assert dice["liver"] >= 0.7 and np.mean(list(dice.values())) >= 0.55, dice
+
+
 def test_scribbles_update_the_selected_segment_from_slicer_export(server):
     """On studies the app has returned nothing for yet: every slice that shows the object counts as drawn."""
     truth, _ = study(server, "ct_012")
