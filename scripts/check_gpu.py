@@ -2,7 +2,8 @@
 
 1. train_cpu_vs_device: the `cpu` preset (LiteMedSAM) trained for the same seeded episodes on CPU and on --device
    from identical initial weights, on generated two-object images; the losses must agree step by step within a
-   stated tolerance (TF32 off). heldout_dice: the device-trained model must reach Dice > 0 on held-out images.
+   stated tolerance (TF32 off). heldout_dice: the device-trained model must reach --dice-floor (0.7) on every object
+   of held-out images (the recipe reached 0.930 and 0.859 on an H200; --toy models do not learn and fail it).
 2. throughput_<backbone>: the `paper` preset's training episodes/s and peak CUDA memory on LiteMedSAM and on a
    randomly initialised SAM ViT-B (``pretrained=False``: no checkpoint).
 3. scan_kernel: mamba-ssm's CUDA selective scan against the pure-PyTorch scan, forward and backward.
@@ -291,8 +292,10 @@ def check_dice(a: argparse.Namespace, state: dict) -> tuple[str, str, dict]:
     numbers = {"device": a.device, "held_out_images": len(state["images"]), "dice_per_object": per_object}
     state.clear()
     release(torch.device(a.device))
-    if not all(d > 0 for d in per_object):
-        return "FAIL", f"Dice per object {per_object} on {a.device} after {a.episodes} episodes: not all > 0", numbers
+    numbers["floor"] = a.dice_floor
+    if not all(d >= a.dice_floor for d in per_object):
+        why = f"not all >= {a.dice_floor:g}"
+        return "FAIL", f"Dice per object {per_object} on {a.device} after {a.episodes} episodes: {why}", numbers
     return "PASS", f"Dice per object (disk, square) {[round(d, 3) for d in per_object]} on {a.device}", numbers
 
 
@@ -537,6 +540,7 @@ def main() -> None:
     p.add_argument("--support", type=int, default=2, help="K, support pairs per episode")
     p.add_argument("--train-pairs", type=int, default=None, help="generated training subjects (12; --toy: 6)")
     p.add_argument("--test-images", type=int, default=4, help="held-out generated images for the Dice check")
+    p.add_argument("--dice-floor", type=float, default=0.7, help="held-out Dice every object must reach")
     p.add_argument("--views", type=int, default=2, help="augmented views of the training set")
     p.add_argument("--first-atol", type=float, default=FIRST_ATOL, help="CPU vs device loss at step 0")
     p.add_argument("--loss-atol", type=float, default=LOSS_ATOL, help="CPU vs device loss at every step")

@@ -111,14 +111,16 @@ def test_default_run_key_trains_too(demo, tmp_path):
     assert "optimizer must be one of ('sgd', 'adamw'), got 'adam'" in bad.stderr
 
 
-def test_evaluate_writes_metrics_and_overlays(demo, trained, tmp_path):
+def test_evaluate_writes_metrics_and_overlays(demo, tmp_path):
+    """evaluate.json as shipped (LiteMedSAM, the bundle's default weights, K = 4) on generated fundus-like test images:
+    measured disc rim 0.721, cup 0.826 (vessels 0.080, one down-scaled pass); an untrained PPG gives 0.115, 0.024."""
     bundle_run(
         "--config_file", f"['{CONFIGS / 'train.json'}','{CONFIGS / 'evaluate.json'}']", "--dataset_dir",
-        str(demo["fundus"]), "--output_dir", str(tmp_path), "--ckpt_path", str(trained / "model.pt"), *TINY,
+        str(demo["fundus"]), "--output_dir", str(tmp_path),
     )  # fmt: skip
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["dice"]) == {"optic_disc", "optic_cup", "vessel"} and metrics["targets"] == 2
-    assert 0 <= metrics["mean_dice"] <= 1
+    assert metrics["dice"]["optic_disc"] >= 0.6 and metrics["dice"]["optic_cup"] >= 0.7, metrics
     assert len(list(tmp_path.glob("overlay_*.png"))) == 2
 
 

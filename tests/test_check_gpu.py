@@ -52,9 +52,11 @@ def test_cpu_against_cpu_losses_agree_step_by_step(run) -> None:
 
 
 def test_held_out_dice_is_measured_and_reported_honestly(run) -> None:
+    """The held-out check holds the trained model to the floor that the recipe reached on a GPU (0.930 and 0.859
+    against 0.7): the toy model, which has not learned to segment in its 4 episodes, fails it."""
     c = run["checks"]["heldout_dice"]
-    assert len(c["dice_per_object"]) == 2 and c["held_out_images"] > 0
-    assert c["status"] == ("PASS" if all(d > 0 for d in c["dice_per_object"]) else "FAIL")
+    assert len(c["dice_per_object"]) == 2 and c["held_out_images"] > 0 and c["floor"] == 0.7
+    assert max(c["dice_per_object"]) < c["floor"] and c["status"] == "FAIL" and "not all >= 0.7" in c["reason"]
 
 
 def test_cuda_only_parts_skip_with_their_reason(run) -> None:

@@ -50,7 +50,10 @@ def two_objects():
 
 @pytest.mark.parametrize(
     "prompt, loss, steps",
-    [("transfer", DiceLoss(sigmoid=True), 50), ("paper", DiceCELoss(sigmoid=True), 150)],
+    [
+        ("transfer", DiceLoss(sigmoid=True), 50),
+        pytest.param("paper", DiceCELoss(sigmoid=True), 150, marks=pytest.mark.slow),  # 100 s: `.ci/run` runs it
+    ],
     ids=["transfer-dice", "paper-dicece"],
 )
 def test_ppg_learns_and_follows_the_support_mask(two_objects, prompt, loss, steps):
@@ -92,13 +95,16 @@ def test_presets_put_lora_where_they_say_on_litemedsam():
 
 @pytest.mark.parametrize(
     "tasks, images, held, steps, gain",
-    [(3, 4, 2, 50, 0.05), pytest.param(4, 6, 3, 120, 0.1, marks=pytest.mark.slow)],
+    [  # 85 s and 5 min: `.ci/run` runs both after the default run
+        pytest.param(3, 4, 2, 50, 0.05, marks=pytest.mark.slow),
+        pytest.param(4, 6, 3, 120, 0.1, marks=pytest.mark.slow),
+    ],
     ids=["fast", "full"],
 )
 def test_short_training_on_random_tasks_raises_dice_on_held_out_tasks(tmp_path, tasks, images, held, steps, gain):
     """The default-weights recipe in small: episodes from several generated tasks (each with its own parts) with the
     paper's SGD raise Dice on tasks never seen in training, segmented from their own support masks (full: held-out
-    Dice 0.091 -> 0.235 in 5 min on 2 CPU cores; fast, in the default run: 0.121 -> 0.198 in 2.5 min)."""
+    Dice 0.091 -> 0.235 in 5 min on 2 CPU cores; fast: 0.121 -> 0.198 in 1.5 min)."""
     from monai.losses import DiceCELoss
 
     from ppgseg.data.contract import read_labels

@@ -366,7 +366,9 @@ def test_auto_segmentation_with_the_shipped_weights_reaches_its_dice_floor(tmp_p
 
     studies = write_studies(tmp_path / "studies", n_studies=4, n_labelled=3, shape=(48, 48, 10), seed=1)
     truth = write_studies(tmp_path / "truth", n_studies=4, n_labelled=4, shape=(48, 48, 10), seed=1)
-    app = ProxyPromptApp(str(copy_app(tmp_path)), str(studies), {"finetune_seconds": "0", "bundle": str(ROOT / "bundle")})
+    app = ProxyPromptApp(
+        str(copy_app(tmp_path)), str(studies), {"finetune_seconds": "0", "bundle": str(ROOT / "bundle")}
+    )
     out = app.infer({"model": "proxy_prompt", "image": "ct_003"})
     assert sorted(out["params"]["support_ids"]) == ["ct_000", "ct_001", "ct_002"]
     assert out["params"]["weights"].startswith("bundle default")

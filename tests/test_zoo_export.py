@@ -101,6 +101,7 @@ def test_export_is_in_zoo_form(downloaded):
     assert {i.date_time for i in infos} == {(2022, 5, 30, 0, 0, 0)}
 
 
+@pytest.mark.slow  # 70 s: trains and segments through the vendored bundle (`.ci/run` runs it after the default run)
 def test_downloaded_bundle_runs_without_the_project_package(downloaded, tmp_path):
     data = write_family(tmp_path / "data", "fundus", n_train=3, n_val=1, n_test=2, seed=3)
     inputs = tmp_path / "in"
