@@ -266,6 +266,7 @@ def test_tiles_through_the_bundle_train_and_inference(demo, tmp_path):
     assert pred.shape == (100, 150) and set(np.unique(pred).tolist()) <= {0, 1, 2, 3}
 
 
+@pytest.mark.slow  # 25 s: two bundle trainings (`.ci/run` runs it after the default run)
 def test_training_repeats_under_its_seed_and_records_it(demo, tmp_path):
     """train.json seeds every run (set_determinism in `initialize`) and writes the seed into the checkpoint."""
     states = []

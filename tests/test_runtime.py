@@ -66,7 +66,7 @@ def test_importing_ppgseg_leaves_malloc_alone() -> None:
     """A host process that imports ppgseg keeps its malloc settings; the entry points call `pad_heap` themselves."""
     import subprocess
 
-    code = "import ppgseg, ppgseg.serving, ppgseg.inference, ppgseg.runtime as r; print(r.padded_mb)"
+    code = "import ppgseg, ppgseg.runtime as r; print(r.padded_mb)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split()[-1] == "None"
     code = "import ppgseg.runtime as r; r.pad_heap(64); print(r.padded_mb)"
