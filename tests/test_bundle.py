@@ -297,3 +297,39 @@ def test_broad_training_config_gathers_demo_random_and_real_folders(tmp_path):
     assert dirs == ["data/demo/fundus", "data/demo/ultrasound", "data/demo/ct", *random, "real/a", "real/b"]
     parser["random_dir"] = str(tmp_path / "absent")
     assert parser.get_parsed_content("dataset_dirs", lazy=False)[3:] == ["real/a", "real/b"]
+
+
+def _train_in_process(demo, out, stop_after: int | None = None, **overrides):
+    """train.json through MONAI's ConfigWorkflow, as `monai.bundle run training` drives it; ``stop_after``: the run is
+    stopped (ignite's terminate, as on an interrupt) after that epoch."""
+    from ignite.engine import Events
+    from monai.bundle import ConfigWorkflow
+
+    settings = {"dataset_dir": str(demo["fundus"]), "output_dir": str(out), "backbone": "sam_tiny", "preset": "tiny"}
+    settings |= {"episodes_per_epoch": 3, "train#trainer#max_epochs": 4, "val_interval": 2, **overrides}
+    flow = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), workflow_type="train", run_id="training", **settings)
+    flow.initialize()
+    trainer = flow.parser.get_parsed_content("train#trainer")
+    if stop_after:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after), lambda engine: engine.terminate())
+    flow.run()
+    return trainer
+
+
+def test_a_stopped_training_resumes_to_the_weights_of_an_uninterrupted_run(demo, tmp_path):
+    """Stopped after 2 of 4 epochs and started again in its folder, the run continues from its checkpoint (weights,
+    optimizer, learning-rate schedule, episode sampler, random state, best validation) and ends with the same weights
+    and the same best checkpoint as a run never stopped."""
+    whole = _train_in_process(demo, tmp_path / "whole")
+    assert whole.state.epoch == 4 and (tmp_path / "whole" / "checkpoint.pt").is_file()
+    first = _train_in_process(demo, tmp_path / "stopped", stop_after=2)
+    assert first.state.epoch == 2
+    again = _train_in_process(demo, tmp_path / "stopped")
+    assert again.state.epoch == 4 and again.state.iteration == 12
+    for name in ("model_final.pt", "model.pt"):
+        a = torch.load(tmp_path / "whole" / name, weights_only=True)["state_dict"]
+        b = torch.load(tmp_path / "stopped" / name, weights_only=True)["state_dict"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    with pytest.raises(RuntimeError) as refused:  # MONAI's config parser names the component that failed
+        _train_in_process(demo, tmp_path / "nothing", resume=True)
+    assert "resume: no checkpoint at" in str(refused.value.__cause__)

@@ -80,6 +80,7 @@ class ProxyPromptTrain(TrainTask):
                 "init_ckpt": str(init) if init else None,
                 "axis": self.app.axis,
                 "seed": self.app.seed,
+                "resume": False,  # each train request starts from the app's current weights
                 "train#trainer#max_epochs": int(opts["max_epochs"]),
                 "episodes_per_epoch": int(opts["episodes_per_epoch"]),
                 "num_support": int(opts["num_support"]),
