@@ -107,3 +107,24 @@ def test_in_volume_support_takes_other_slices_of_the_same_study_or_the_slice_its
         assert d.target not in d.support and len(d.support) == 2
     single = EpisodeSampler(slices[:1], [1], num_support=2, same_study=True).draw(rng)
     assert single.target == 0 and single.support == [0]
+
+
+def test_episodes_come_from_the_banks_in_the_weighted_shares():
+    """Bank weights set each bank's share of the episodes (a family keeps its share however many banks it has);
+    without weights the draw is uniform, as before weights existed; bad weights are refused."""
+    from ppgseg.training.episodes import EpisodeDataset
+
+    class Bank:  # what EpisodeDataset asks of a bank: an episode drawn with its random generator
+        def draw(self, rng, num_support):
+            return {"target": int(rng.integers(10))}
+
+    banks = [Bank(), Bank(), Bank()]
+    weighted = EpisodeDataset(banks, 1, 6000, seed=1, bank_weights=[6, 3, 1])
+    counts = np.bincount([weighted[i]["bank"] for i in range(len(weighted))], minlength=3) / len(weighted)
+    assert np.allclose(counts, [0.6, 0.3, 0.1], atol=0.02), counts
+    uniform = EpisodeDataset(banks, 1, 3000, seed=1)
+    counts = np.bincount([uniform[i]["bank"] for i in range(len(uniform))], minlength=3) / len(uniform)
+    assert np.allclose(counts, 1 / 3, atol=0.03), counts
+    for bad in ([1, 1], [1, -1, 1], [0, 0, 0]):
+        with pytest.raises(ValueError, match="bank_weights must be 3 non-negative"):
+            EpisodeDataset(banks, 1, 10, bank_weights=bad)

@@ -153,8 +153,9 @@ class EpisodeNet(nn.Module):
 
 class EpisodeDataset(Dataset):
     """``length`` random episodes per epoch for a DataLoader (``batch_size=None``); each process of a distributed run
-    draws its own (seeded by ``seed`` and ``rank``). With several banks, each episode comes from one of them, drawn
-    uniformly."""
+    draws its own (seeded by ``seed`` and ``rank``). With several banks, each episode comes from one of them: drawn
+    uniformly, or with probability proportional to ``bank_weights`` (one per bank), so that a family of banks keeps a
+    fixed share of the episodes however many banks it has."""
 
     def __init__(
         self,
@@ -164,15 +165,36 @@ class EpisodeDataset(Dataset):
         *,
         seed: int = 0,
         rank: int = 0,
+        bank_weights: Sequence[float] | None = None,
     ) -> None:
         if length < 1:
             raise ValueError(f"episodes per epoch must be >= 1, got {length}")
         self.banks, self.num_support, self.length = as_banks(bank), num_support, length
+        self.p = bank_shares(bank_weights, len(self.banks))
         self.rng = np.random.default_rng([seed, rank])
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict:
-        b = int(self.rng.integers(len(self.banks)))
+        b = draw_bank(self.rng, len(self.banks), self.p)
         return {**self.banks[b].draw(self.rng, self.num_support), "bank": b}
+
+
+def bank_shares(weights: Sequence[float] | None, banks: int) -> np.ndarray | None:
+    """Bank weights as probabilities (None: uniform); wrong counts or signs raise, naming them."""
+    if weights is None:
+        return None
+    w = np.asarray(list(weights), dtype=np.float64)
+    if w.shape != (banks,) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(
+            f"bank_weights must be {banks} non-negative numbers, not all 0 (one per bank), got {list(weights)}"
+        )
+    return w / w.sum()
+
+
+def draw_bank(rng: np.random.Generator, banks: int, p: np.ndarray | None) -> int:
+    """The bank an episode comes from: uniform (as before weights existed), or by the shares ``p``."""
+    if p is None:
+        return int(rng.integers(banks))
+    return int(rng.choice(banks, p=p))

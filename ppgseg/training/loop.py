@@ -12,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..modeling.proxy_sam import ProxyPromptSAM
-from .episodes import EpisodeBank, EpisodeNet, as_banks
+from .episodes import EpisodeBank, EpisodeNet, as_banks, bank_shares, draw_bank
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -52,13 +52,16 @@ def train_episodes(
     until: float | None = None,
     progress: str | None = None,
     net: nn.Module | None = None,
+    bank_weights: Sequence[float] | None = None,
 ) -> list[float]:
     """A plain loop over ``steps`` random episodes (the bundle's trainer runs the same step in ignite), by default
     with the Dice loss (paper Eq. 13); returns the losses. ``until`` (a ``time.monotonic()`` value) ends the loop
     early when reached; at least one step runs. ``progress`` names a progress bar (none when None). ``net`` turns
     an episode into (logits, truth): `EpisodeNet` by default (`VideoEpisodeNet` for video episodes). ``bank`` may
-    be a list (several datasets or tasks, each with its own labels): each episode comes from one, drawn uniformly."""
+    be a list (several datasets or tasks, each with its own labels): each episode comes from one, drawn uniformly or
+    by ``bank_weights`` (`EpisodeDataset`)."""
     banks = as_banks(bank)
+    shares = bank_shares(bank_weights, len(banks))
     net = net or EpisodeNet(model, banks)
     rng = np.random.default_rng(seed)
     optimizer = optimizer or make_optimizer(model)
@@ -68,7 +71,7 @@ def train_episodes(
     for _ in tqdm(range(steps), desc=progress, leave=False, disable=progress is None):
         if losses and until is not None and time.monotonic() >= until:
             break
-        b = int(rng.integers(len(banks))) if len(banks) > 1 else 0
+        b = draw_bank(rng, len(banks), shares) if len(banks) > 1 else 0
         logits, truth = net({**banks[b].draw(rng, num_support), "bank": b})
         loss = loss_fn(logits, truth)
         optimizer.zero_grad()
