@@ -1,0 +1,269 @@
+"""The volume protocol: a data-contract folder of labelled volumes, its ``test`` studies segmented in two modes, each
+method and peer on the same studies, Dice per study and label.
+
+- ``studies``: K labelled studies of the ``training`` list (the first K of one seeded order, so each K's studies
+  hold the smaller K's) segment a new study.
+- ``drawn``: n slices of the study itself, spread over the object's extent, segment the rest of it (Dice on the
+  slices not drawn).
+
+Results are written after every study and a run picks up where an earlier one stopped (`VolumeProtocol.run`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..data.contract import read_labels, read_split
+from ..inference.atlas import AtlasRegistration, Registered, atlas_slice, fuse, to_sitk, vote
+from ..inference.slices import as_slices
+from ..inference.volume import (
+    EncodedVolume,
+    LabelledSlices,
+    byte_volume,
+    encode_volume,
+    one_component,
+    position_supports,
+    propagate,
+    segment_slices,
+)
+from ..io import read_image
+from ..modeling.proxy_sam import ProxyPromptSAM
+from .baselines.volume import UNetPeer, box_slices, interpolate_slices, nearest_copy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class VolumeStudy:
+    """One study: ``image`` (X, Y, Z) float, ``label`` (X, Y, Z) uint8, voxel ``spacing`` (x, y, z)."""
+
+    id: str
+    image: Tensor
+    label: Tensor
+    spacing: tuple[float, float, float]
+
+    @staticmethod
+    def read(item: dict) -> VolumeStudy:
+        image, label = read_image(item["image"]), read_image(item["label"])
+        if image.shape[1:] != label.shape[1:] or image.dim() != 4:
+            raise ValueError(f"{item['image']}: expected a 3D image and a label of its shape, got "
+                             f"{tuple(image.shape)} and {tuple(label.shape)}")  # fmt: skip
+        spacing = tuple(float(s) for s in image.pixdim[:3])
+        name = Path(item["image"]).name.split(".")[0]
+        return VolumeStudy(name, image.as_tensor()[0].float(), label.as_tensor()[0].round().to(torch.uint8), spacing)
+
+
+def dice(pred: Tensor, truth: Tensor, label_ids: Sequence[int], keep: Tensor | None = None) -> dict[int, float]:
+    """Dice per label id over the voxels in ``keep`` (all by default); 1 where both are empty."""
+    if keep is not None:
+        pred, truth = pred[keep], truth[keep]
+    out = {}
+    for i in label_ids:
+        p, t = pred == i, truth == i
+        total = int(p.sum()) + int(t.sum())
+        out[i] = 1.0 if total == 0 else 2 * int((p & t).sum()) / total
+    return out
+
+
+def drawn_positions(label: Tensor, axis: int, n: int) -> list[int]:
+    """``n`` slice indices along ``axis`` spread over the object's extent (at (i + 1) / (n + 1) of it)."""
+    other = tuple(d for d in range(label.dim()) if d != axis)
+    zs = label.bool().any(dim=other).nonzero()[:, 0]
+    lo, hi = int(zs.min()), int(zs.max())
+    return sorted({lo + round((hi - lo) * (i + 1) / (n + 1)) for i in range(n)})
+
+
+def fixed_rows(bank: LabelledSlices, k: int, count: int = 3) -> list[int]:
+    """The app's fixed supports: of each of the first ``k`` studies, ``count`` evenly spaced slices among those that
+    show an object (first, middle and last for 3), the same for every target slice."""
+    rows = []
+    for s in range(k):
+        shown = ((bank.study == s) & (bank.masks.flatten(1).amax(1) > 0)).nonzero()[:, 0]
+        pick = np.linspace(0, len(shown) - 1, min(count, len(shown))).round().astype(int)
+        rows += [int(shown[i]) for i in pick]
+    return rows
+
+
+class VolumeProtocol:
+    """Run the volume protocol on a data-contract folder.
+
+    Args:
+        model: the PPG model (its backbone's encoder frozen: slice features are cached per study).
+        folder: data-contract folder with ``training`` and ``test`` lists of volumes.
+        out_dir: where ``results.json`` is written (and read back to resume).
+        axis: slicing axis.
+        ks: numbers of labelled studies.
+        drawn: numbers of drawn slices.
+        limit: test studies to run (the first ones of the list); None: all.
+        unet_seconds: the 3D UNet's training budget per K (0: no UNet row).
+        cache_dir: where slice features are kept per study (None: not kept).
+        seed: the seeded order of the labelled studies.
+    """
+
+    def __init__(
+        self, model: ProxyPromptSAM, folder: str | Path, out_dir: str | Path, *, axis: int = 2,
+        ks: Sequence[int] = (1, 2, 5, 10), drawn: Sequence[int] = (1, 2, 3), limit: int | None = None,
+        unet_seconds: float = 120.0, cache_dir: str | Path | None = None, seed: int = 0,
+        registration: AtlasRegistration | None = None,
+    ) -> None:  # fmt: skip
+        if model.encoder_trains:
+            raise ValueError("the volume protocol caches slice features: the model's encoder must be frozen")
+        self.model, self.folder, self.out_dir, self.axis = model, Path(folder), Path(out_dir), axis
+        self.ks, self.drawn, self.limit, self.unet_seconds = sorted(ks), sorted(drawn), limit, unet_seconds
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.labels = read_labels(folder)
+        self.label_ids = list(self.labels)
+        if self.label_ids != list(range(1, len(self.label_ids) + 1)):
+            raise ValueError(f"{self.folder / 'dataset.json'}: label ids must be 1..N, got {self.label_ids}")
+        order = np.random.default_rng(seed).permutation(len(read_split(folder, "training")))
+        self.atlas_items = [read_split(folder, "training")[int(i)] for i in order[: self.ks[-1]]]
+        self.test_items = read_split(folder, "test")[:limit]
+        self.registration = registration or AtlasRegistration()
+        self.shown: dict | None = None  # the first test study's predictions at K = 5 and the most drawn slices
+
+    # --- encoding ----------------------------------------------------------------------------------------------
+    def encoded(self, study: VolumeStudy) -> EncodedVolume:
+        path = None if self.cache_dir is None else self.cache_dir / f"{study.id}_axis{self.axis}.pt"
+        if path is not None and path.is_file():
+            return torch.load(path, weights_only=False)
+        enc = encode_volume(self.model, study.image[None], self.axis)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(enc, path)
+        return enc
+
+    def slices(self, volume: Tensor) -> Tensor:
+        return as_slices(volume[None], self.axis)[:, 0]
+
+    # --- the run -----------------------------------------------------------------------------------------------
+    def load(self) -> dict:
+        """The results an earlier run wrote."""
+        path = self.out_dir / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: run the protocol first")
+        return json.loads(path.read_text())
+
+    def run(self) -> dict:
+        """Every test study in both modes; ``results.json`` rewritten after each study, studies already in it
+        skipped."""
+        path = self.out_dir / "results.json"
+        results = json.loads(path.read_text()) if path.is_file() else {}
+        results.update(labels={str(k): v for k, v in self.labels.items()}, axis=self.axis, ks=self.ks,
+                       drawn=self.drawn, atlases=[Path(i["image"]).name for i in self.atlas_items])  # fmt: skip
+        studies = results.setdefault("studies", {})
+        atlases = [VolumeStudy.read(i) for i in self.atlas_items]
+        banks = [LabelledSlices.of(self.model, self.encoded(a), a.label, self.label_ids, self.axis, study=s)
+                 for s, a in enumerate(atlases)]  # fmt: skip
+        unets = self.train_unets(atlases, results) if self.unet_seconds > 0 else {}
+        for t, item in enumerate(self.test_items):
+            study = VolumeStudy.read(item)
+            if study.id in studies:
+                continue
+            start = time.perf_counter()
+            k = 5 if 5 in self.ks else self.ks[-1]
+            self.shown = None if t else {"study": study.id, "image": study.image, "truth": study.label, "k": k,
+                                         "n": self.drawn[-1], "studies": {}, "drawn": {}}  # fmt: skip
+            studies[study.id] = {"studies": self.from_studies(study, atlases, banks, unets),
+                                 "drawn": self.from_drawn(study)}  # fmt: skip
+            logger.info(f"{study.id}: {time.perf_counter() - start:.0f} s")
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, indent=1))
+            if self.shown is not None:
+                torch.save(self.shown, self.out_dir / "overlays.pt")
+        return results
+
+    def train_unets(self, atlases: list[VolumeStudy], results: dict) -> dict[int, UNetPeer]:
+        unets, steps = {}, results.setdefault("unet_steps", {})
+        for k in self.ks:
+            data = [(byte_volume(a.image) / 255, a.label) for a in atlases[:k]]
+            unets[k] = UNetPeer(len(self.label_ids), seconds=self.unet_seconds).fit(data)
+            steps[str(k)] = unets[k].steps
+        return unets
+
+    def largest(self, fn, *args, **kwargs) -> Tensor:
+        """``fn``'s label map with each label kept to its largest 3D component."""
+        return one_component(fn(*args, **kwargs), self.label_ids)
+
+    def score(self, out: dict, method: str, key, pred: Tensor, truth: Tensor, seconds: float, keep=None) -> None:
+        d = dice(pred, truth, self.label_ids, keep)
+        mode = "drawn" if keep is not None else "studies"
+        if self.shown is not None and key in (self.shown["n" if keep is not None else "k"], "all"):
+            self.shown[mode][method] = pred.movedim(0, self.axis) if keep is not None else pred
+        out.setdefault(method, {})[str(key)] = {**{self.labels[i]: v for i, v in d.items()}, "seconds": seconds}
+
+    def from_studies(self, study: VolumeStudy, atlases, banks, unets) -> dict:
+        """Every method with K labelled studies, for each K."""
+        out: dict = {}
+        enc, truth = self.encoded(study), study.label
+        fixed = to_sitk(study.image, study.spacing)
+        registered: list[Registered] = []
+        reg_seconds = []
+        for a in atlases:
+            r, sec = _timed(self.registration.register, fixed, to_sitk(a.image, a.spacing), a.label.numpy(),
+                           self.label_ids)  # fmt: skip
+            registered.append(r)
+            reg_seconds.append(sec)
+        for k in self.ks:
+            bank = LabelledSlices.cat(banks[:k])
+            fractions = [r.fractions for r in registered[:k]]
+            self.score(out, "registration", k, fuse(fractions, self.label_ids), truth, sum(reg_seconds[:k]))
+            at = torch.tensor([[atlas_slice(r, study.image.shape, self.axis, z, study.spacing) for r in registered[:k]]
+                               for z in range(len(enc))])  # fmt: skip
+            supports = position_supports(bank, at, enc.vectors)
+            prior = self.slices(torch.from_numpy(vote(fractions)).movedim(0, -1)).movedim(-1, 1)  # (Z, N, H, W)
+            m, ids = self.model, self.label_ids
+            routes = {
+                "ppg_fixed_supports": partial(segment_slices, m, enc, bank, [fixed_rows(bank, k)] * len(enc), ids),
+                "ppg_position_supports": partial(self.largest, segment_slices, m, enc, bank, supports, ids),
+                "ppg_registration_prompt": partial(
+                    self.largest, segment_slices, m, enc, bank, supports, ids, prior=prior
+                ),
+            }
+            for name, route in routes.items():
+                pred, sec = _timed(route)
+                self.score(out, name, k, pred.movedim(0, self.axis), truth, sec)
+            if k in unets:
+                pred, sec = _timed(unets[k], byte_volume(study.image) / 255)
+                self.score(out, "unet3d", k, pred, truth, sec)
+        pred, sec = _timed(box_slices, self.model, enc, self.slices(truth), self.label_ids)
+        self.score(out, "litemedsam_gt_box", "all", pred.movedim(0, self.axis), truth, sec)
+        return out
+
+    def from_drawn(self, study: VolumeStudy) -> dict:
+        """Every method from n drawn slices of the study, for each n (Dice on the other slices)."""
+        out: dict = {}
+        enc, truth = self.encoded(study), study.label
+        per_slice = self.slices(truth)
+        bank = LabelledSlices.of(self.model, enc, truth, self.label_ids, self.axis)
+        for n in self.drawn:
+            zs = drawn_positions(truth, self.axis, n)
+            drawn = {z: per_slice[z] for z in zs}
+            keep = torch.ones(len(enc), dtype=torch.bool)
+            keep[zs] = False
+            keep = keep[(...,) + (None,) * 2].expand(-1, *per_slice.shape[1:])
+            m, ids = self.model, self.label_ids
+            routes = {
+                "nearest_slice_copy": partial(nearest_copy, drawn, len(enc)),
+                "interpolation": partial(interpolate_slices, drawn, len(enc), ids),
+                "ppg_drawn_fixed_supports": partial(segment_slices, m, enc, bank, [zs] * len(enc), ids),
+                "ppg_propagation": partial(self.largest, propagate, m, enc, drawn, ids),
+            }
+            for name, route in routes.items():
+                pred, sec = _timed(route)
+                self.score(out, name, n, pred, per_slice, sec, keep)
+        return out
+
+
+def _timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start

@@ -1,0 +1,208 @@
+"""Volumes: supports per slice, the registration prompt, propagation from drawn slices, the peers and the protocol,
+on generated volumes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_model import tiny_model
+
+from ppgseg.evaluation.baselines.volume import interpolate_slices, nearest_copy
+from ppgseg.evaluation.volumes import dice, drawn_positions
+from ppgseg.inference.atlas import AtlasRegistration, atlas_slice, fuse, to_sitk
+from ppgseg.inference.volume import (
+    LabelledSlices,
+    encode_volume,
+    one_component,
+    position_supports,
+    propagate,
+    segment_slices,
+)
+
+
+def ellipsoid(shape=(40, 36, 24), centre=(20, 18, 12), radii=(10, 8, 7), seed=0, two_labels=True):
+    """A bright ellipsoid in noise on a darker body, (X, Y, Z); label 1 its lower half along x, 2 the upper."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
+    r = sum(((g - c) / a) ** 2 for g, c, a in zip(grid, centre, radii, strict=True))
+    inside = r <= 1
+    body = sum(((g - s / 2) / (s / 2.2)) ** 2 for g, s in zip(grid, shape, strict=True)) <= 1
+    image = 40.0 * body + 120.0 * inside + rng.normal(0, 6, shape)
+    label = inside.astype(np.uint8)
+    if two_labels:
+        label[inside & (grid[0] >= centre[0])] = 2
+    return torch.from_numpy(image).float(), torch.from_numpy(label)
+
+
+# --- supports at the slice's position ----------------------------------------------------------------------------
+def test_supports_come_from_the_matching_position():
+    """Two labelled studies, the second shifted by 3 slices: each target slice's supports are the slices the
+    alignment maps it to (within the window), the most similar first, one study after the other."""
+    z, c = 12, 8
+    vectors = torch.nn.functional.normalize(torch.randn(z, c), dim=1)  # one feature vector per anatomical position
+    rows = []
+    for study, shift in enumerate((0, 3)):
+        idx = torch.arange(z)
+        anat = (idx - shift).clamp(0, z - 1)  # study slice i shows anatomical position i - shift
+        rows.append(LabelledSlices(torch.zeros(z, 3, 4, 4), torch.zeros(z, 1, 4, 4), torch.zeros(z, c, 2, 2),
+                                   vectors[anat], torch.full((z,), study), idx))  # fmt: skip
+    bank = LabelledSlices.cat(rows)
+    at = torch.stack([torch.arange(z), (torch.arange(z) + 3)], dim=1)  # target slice z -> study slices z, z + 3
+    chosen = position_supports(bank, at, vectors, window=2, count=4)
+    for t in range(2, z - 5):
+        got = chosen[t]
+        assert len(got) == 4
+        studies = [int(bank.study[r]) for r in got]
+        assert sorted(studies[:2]) == [0, 1] and sorted(studies[2:]) == [0, 1]  # taken in turns over the studies
+        first = {int(bank.study[r]): int(bank.index[r]) for r in got[:2]}
+        assert first == {0: t, 1: t + 3}  # each study's best: the exact position
+        assert all(abs(int(bank.index[r]) - int(at[t, bank.study[r]])) <= 2 for r in got)
+    far = torch.full((z, 2), 100)
+    assert position_supports(bank, far, vectors) == [[]] * z  # no study reaches: no supports
+
+
+# --- registration ------------------------------------------------------------------------------------------------
+def test_registration_with_the_target_as_atlas_returns_the_atlas_and_moves_a_shifted_one():
+    image, label = ellipsoid()
+    reg = AtlasRegistration(affine_iterations=50, demons_iterations=20)
+    fused, done = reg(image, [(image, label)], [1, 2])
+    assert dice(fused, label, [1, 2])[1] > 0.95 and dice(fused, label, [1, 2])[2] > 0.95
+    assert atlas_slice(done[0], image.shape, 2, 7) == 7  # the identity maps a slice to itself
+    moved_image, moved_label = (torch.roll(a, (3, -2, 2), dims=(0, 1, 2)) for a in ellipsoid(seed=1))  # positioned
+    fused, done = reg(image, [(moved_image, moved_label)], [1, 2])
+    before = dice(moved_label, label, [1, 2])
+    after = dice(fused, label, [1, 2])
+    assert min(before.values()) < 0.75 and min(after.values()) > 0.85, (before, after)
+    assert abs(atlas_slice(done[0], image.shape, 2, 12) - 14) <= 1  # target slice 12 is the atlas's slice 14
+    with pytest.raises(ValueError, match="atlases is empty"):
+        reg(image, [], [1, 2])
+    with pytest.raises(ValueError, match="3D"):
+        to_sitk(image[0])
+
+
+def test_fuse_is_a_majority_vote_with_background():
+    a = np.zeros((2, 2, 1, 1), np.float32)
+    a[0, 0], a[1, 1] = 1, 0.9
+    b = np.zeros_like(a)
+    b[0, 0] = 1
+    c = np.zeros_like(a)
+    assert fuse([a, b, c], [1, 2])[:, 0, 0].tolist() == [1, 0]  # 2 of 3 say 1; 1 of 3 says 2, 2 say background
+
+
+# --- the registration prompt -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def coarse_model():
+    """A tiny model whose output is the dense-slot masks themselves (the `coarse` route: no decoder)."""
+    return tiny_model(prompt="coarse", lora_sites=("decoder",))
+
+
+def test_registration_prompt_with_a_perfect_atlas_returns_the_atlas(coarse_model):
+    image, label = ellipsoid(shape=(32, 28, 10), centre=(16, 14, 5), radii=(9, 7, 6))
+    vol = encode_volume(coarse_model, image[None], axis=2)
+    assert vol.x.shape[0] == 10 and vol.size == (32, 28)
+    bank = LabelledSlices.of(coarse_model, vol, label, [1, 2], axis=2)
+    prior = torch.stack([label == 1, label == 2]).float().permute(3, 0, 1, 2)  # (Z, N, X, Y)
+    supports = [[z] for z in range(10)]
+    out = segment_slices(coarse_model, vol, bank, supports, [1, 2], prior=prior)
+    truth = label.permute(2, 0, 1)
+    d = dice(out, truth, [1, 2])
+    assert d[1] > 0.9 and d[2] > 0.9, d
+    empty = segment_slices(coarse_model, vol, bank, supports, [1, 2], prior=torch.zeros_like(prior))
+    assert not empty.any()  # a prior that shows nothing asks for nothing
+
+
+def test_propagation_copies_through_the_dense_slot_and_stops_at_a_not_here_slice(coarse_model):
+    """With the `coarse` route each slice gets its nearest labelled neighbour's masks: propagation carries the drawn
+    masks outward slice by slice, and an all-zero drawn slice ("not here") ends the object on its side."""
+    image, label = ellipsoid(shape=(32, 28, 12), centre=(16, 14, 6), radii=(9, 7, 9), two_labels=False)
+    vol = encode_volume(coarse_model, image[None], axis=2)
+    slices = label.permute(2, 0, 1)
+    drawn = {5: slices[5], 9: torch.zeros_like(slices[9])}
+    out = propagate(coarse_model, vol, drawn, [1])
+    assert out.shape == (12, 32, 28)
+    for z in range(0, 8):  # below 5 and up to the middle: slice 5's mask, carried (nearest on a tie: the lower)
+        assert dice(out[z], slices[5], [1])[1] > 0.95, z
+    assert not out[8:].any()  # from the "not here" slice outward: nothing
+    with pytest.raises(ValueError, match="outside the volume"):
+        propagate(coarse_model, vol, {12: slices[0]}, [1])
+    with pytest.raises(ValueError, match="drawn is empty"):
+        propagate(coarse_model, vol, {}, [1])
+
+
+def test_one_component_keeps_the_largest_3d_component_per_label():
+    lab = torch.zeros(10, 10, 10, dtype=torch.uint8)
+    lab[1:5, 1:5, 1:5] = 1
+    lab[8:, 8:, 8:] = 1  # a stray island
+    lab[6:8, 1:3, 1:3] = 2
+    out = one_component(lab, [1, 2])
+    assert out[1:5, 1:5, 1:5].eq(1).all() and not out[8:, 8:, 8:].any() and out[6:8, 1:3, 1:3].eq(2).all()
+
+
+# --- drawn-slice peers -------------------------------------------------------------------------------------------
+def test_interpolation_and_nearest_copy_between_drawn_slices():
+    yy, xx = torch.meshgrid(torch.arange(30), torch.arange(30), indexing="ij")
+    radius = [1.0 + 0.6 * z for z in range(21)]  # a cone: the disk grows slice by slice
+    slices = torch.stack([((yy - 15) ** 2 + (xx - 15) ** 2 <= r**2).to(torch.uint8) for r in radius])
+    label = slices.permute(1, 2, 0)
+    zs = drawn_positions(label, 2, 3)
+    assert zs == [5, 10, 15]  # spread over the object's extent 0..20
+    drawn = {z: slices[z] for z in zs}
+    keep = torch.ones(21, dtype=torch.bool)
+    keep[zs] = False
+    inter = interpolate_slices(drawn, 21, [1])
+    copy = nearest_copy(drawn, 21)
+    assert torch.equal(copy[7], slices[5]) and torch.equal(copy[8], slices[10])
+    assert not inter[:5].any() and not inter[16:].any()  # nothing outside the drawn range
+    d_inter = dice(inter[5:16], slices[5:16], [1])[1]
+    d_copy = dice(copy[5:16], slices[5:16], [1])[1]
+    assert d_inter > 0.95 and d_inter > d_copy, (d_inter, d_copy)
+
+
+# --- the protocol end to end -------------------------------------------------------------------------------------
+def test_volume_protocol_runs_every_method_resumes_and_reports(tmp_path, coarse_model):
+    import nibabel as nib
+
+    from ppgseg.evaluation.volume_report import write_volume_report
+    from ppgseg.evaluation.volumes import VolumeProtocol
+
+    folder = tmp_path / "vols"
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    items = []
+    for i in range(4):
+        image, label = ellipsoid(shape=(24, 20, 8), centre=(12 + i % 2, 10, 4), radii=(7, 6, 5), seed=i)
+        for kind, arr in (("images", image.numpy()), ("labels", label.numpy())):
+            nib.save(nib.Nifti1Image(arr, np.eye(4)), folder / kind / f"s{i}.nii.gz")
+        items.append({"image": f"images/s{i}.nii.gz", "label": f"labels/s{i}.nii.gz"})
+    (folder / "dataset.json").write_text(json.dumps({
+        "name": "vols", "labels": {"0": "background", "1": "front", "2": "back"},
+        "training": items[:2], "test": items[2:],
+    }))  # fmt: skip
+    out = tmp_path / "out"
+    reg = AtlasRegistration(affine_iterations=10, demons_iterations=5)
+    protocol = VolumeProtocol(coarse_model, folder, out, ks=(1, 2), drawn=(2,), limit=1, unet_seconds=1.0,
+                              cache_dir=tmp_path / "cache", registration=reg)  # fmt: skip
+    results = protocol.run()
+    study = results["studies"]["s2"]
+    assert set(study["studies"]) == {"registration", "ppg_fixed_supports", "ppg_position_supports",
+                                     "ppg_registration_prompt", "unet3d", "litemedsam_gt_box"}  # fmt: skip
+    assert set(study["drawn"]) == {"nearest_slice_copy", "interpolation", "ppg_drawn_fixed_supports", "ppg_propagation"}
+    assert set(study["studies"]["registration"]) == {"1", "2"}
+    assert study["studies"]["registration"]["2"]["front"] > 0.7  # similar ellipsoids register well
+    # resumed: the second test study is added, the first one is not run again
+    again = VolumeProtocol(coarse_model, folder, out, ks=(1, 2), drawn=(2,), unet_seconds=0, registration=reg,
+                           cache_dir=tmp_path / "cache")  # fmt: skip
+    done = []
+    again.from_studies = lambda s, *a: done.append(s.id) or {}
+    again.from_drawn = lambda s: {}
+    again.run()
+    assert done == ["s3"]
+    results = json.loads((out / "results.json").read_text())
+    results["studies"].pop("s3")
+    report = write_volume_report(results, out)
+    text = report.read_text()
+    assert "multi-atlas registration" in text and "PPG propagation" in text and "## Targets" in text
+    assert (out / "dice_vs_k.png").is_file() and (out / "overlays.png").is_file()
