@@ -132,6 +132,15 @@ def decode_with_prior(
     return model.decode_kept(features, model.tokens(selected, asked), prior, asked)
 
 
+def blended(logits: Tensor, prior: Tensor, blend: float) -> Tensor:
+    """Decoder ``logits`` (B, N, H, W) and ``prior`` fractions of the same shape -> the logits of their mixture
+    ``(1 - blend) * sigmoid(logits) + blend * prior``: the prior votes beside the decoder (0: the decoder alone)."""
+    if blend <= 0:
+        return logits
+    p = (1 - blend) * torch.sigmoid(logits) + blend * prior.float()
+    return torch.logit(p.clamp(1e-4, 1 - 1e-4))
+
+
 def segment_slices(
     model: ProxyPromptSAM,
     volume: EncodedVolume,
@@ -140,14 +149,16 @@ def segment_slices(
     label_ids: Sequence[int],
     *,
     prior: Tensor | None = None,
+    blend: float = 0.5,
     min_carried: float = 0.05,
 ) -> Tensor:
     """(Z, H, W) label map: slice z prompted by the bank rows ``supports[z]`` (none: background).
 
     ``prior`` (Z, N, H, W) fractions in [0, 1] (a registered atlas label): the registration prompt. It replaces the
     masks the Selective map carries from the supports, in the decoder's dense slot, so that the PPG's P and the
-    decoder refine it; an object the prior leaves below a half on a slice is background there. Without it, an object
-    carried below ``min_carried`` everywhere on a slice is background there.
+    decoder refine it; the decoder's probability is then mixed with the prior's (`blended`, weight ``blend``). An
+    object the prior leaves below a half on a slice is background there. Without a prior, an object carried below
+    ``min_carried`` everywhere on a slice is background there.
     """
     out = torch.zeros((len(volume), *volume.size), dtype=torch.uint8)
     framed = None if prior is None else in_frame(model, prior, volume.size)
@@ -170,7 +181,10 @@ def segment_slices(
                 if not bool(asked.any()):
                     continue
                 low, _ = decode_with_prior(model, f, selected, carried, asked)
-            out[z] = to_label(model.backbone.postprocess(low, geo).cpu(), label_ids)[0]
+            logits = model.backbone.postprocess(low, geo).cpu()
+            if prior is not None:
+                logits = blended(logits, prior[z : z + 1], blend) * asked.cpu()[..., None, None]
+            out[z] = to_label(logits, label_ids)[0]
     return out
 
 
@@ -182,13 +196,15 @@ def propagate(
     *,
     supports: int = 3,
     min_iou: float = 0.5,
+    blend: float = 0.5,
 ) -> Tensor:
     """(Z, H, W) label map of a volume from a few slices drawn in it: ``drawn`` maps slice index -> (H, W) label
     map (all-zero: the object is not there).
 
     Slices are taken in order of their distance to the nearest drawn slice. Each is prompted by its ``supports``
     nearest labelled slices (drawn or segmented before it), the nearest one's masks carried into the decoder's dense
-    slot (the registration prompt with the neighbour as the atlas). Beyond the outermost drawn slice on either side,
+    slot (the registration prompt with the neighbour as the atlas), and mixed with the decoder's result with weight
+    ``blend``. Beyond the outermost drawn slice on either side,
     an object stops where its mask comes back empty or with a predicted IoU below ``min_iou``: no slice further out
     gets it.
     """
@@ -219,7 +235,8 @@ def propagate(
             prior = masks[:1].to(device)
             asked = active.to(device)[None] & (prior.flatten(2).amax(2) > 0.5)
             low, iou = decode_with_prior(model, f, model.select(f, emb), prior, asked)
-            found = (model.backbone.postprocess(low, geo)[0] > 0).cpu().float()  # (N, H, W)
+            logits = blended(model.backbone.postprocess(low, geo).cpu(), labels[near[0]][None], blend)
+            found = (logits[0] > 0).float()  # (N, H, W)
             keep = asked[0].cpu() & (found.flatten(1).sum(1) > 0) & (iou[0].cpu() >= min_iou)
             if side is not None:
                 ended[side] |= active & ~keep
