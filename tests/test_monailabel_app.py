@@ -51,16 +51,13 @@ def copy_app(tmp: Path) -> Path:
     return app
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("monailabel")
-    studies = write_studies(tmp / "studies", n_studies=14, n_labelled=4, shape=(48, 48, 10), seed=1)
-    truth = write_studies(tmp / "truth", n_studies=14, n_labelled=14, shape=(48, 48, 10), seed=1)
-    app, port = copy_app(tmp), free_port()
+def start_server(tmp: Path, app: Path, studies: Path) -> tuple[str, subprocess.Popen]:
+    """`monailabel start_server` on the app and studies, as the README starts it; returns once it answers."""
+    port = free_port()
     conf = [x for k, v in CONF.items() for x in ("--conf", k, v)]
     cmd = [Path(sys.executable).with_name("monailabel"), "start_server", "--app", app, "--studies", studies]
     cmd += [*conf, "--conf", "models", "proxy_prompt", "--host", "127.0.0.1", "--port", str(port)]
-    log = open(tmp / "server.log", "w")
+    log = open(tmp / "server.log", "a")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # an active venv
     env["MALLOC_ARENA_MAX"] = "1"  # as the README starts it
     proc = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env)
@@ -75,6 +72,16 @@ def server(tmp_path_factory):
         time.sleep(0.5)
     else:
         raise AssertionError("server did not come up: " + (tmp / "server.log").read_text()[-3000:])
+    return url, proc
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("monailabel")
+    studies = write_studies(tmp / "studies", n_studies=14, n_labelled=4, shape=(48, 48, 10), seed=1)
+    truth = write_studies(tmp / "truth", n_studies=14, n_labelled=14, shape=(48, 48, 10), seed=1)
+    app = copy_app(tmp)
+    url, proc = start_server(tmp, app, studies)
     yield {"url": url, "studies": studies, "truth": truth, "app": app, "tmp": tmp}
     proc.terminate()
     proc.wait(30)
@@ -460,6 +467,67 @@ def test_correcting_an_automatic_result_propagates_the_correction(server):
     assert params["support_pairs"] == sum(bool(truth["liver"][..., z].any()) for z in changed)
     got = slicer_import(label, ["liver"])["liver"]
     assert np.array_equal(got[..., changed], truth["liver"][..., changed])
+
+
+def test_clearing_a_segment_and_drawing_it_again_gives_a_result(server):
+    """The user clears the spleen of an automatic result and draws two slices again, as the result had them: those
+    slices are unchanged and every other slice erased, which is a fresh start, not "drawn on none"."""
+    truth, _ = study(server, "ct_006")
+    params, label, _ = result(infer(server, "proxy_prompt", "ct_006", {"support_ids": "ct_000,ct_001"}))
+    shown = slicer_import(label, auto_names(params))
+    spleen_slices = [z for z in range(shown["spleen"].shape[-1]) if shown["spleen"][..., z].any()]
+    assert len(spleen_slices) > 3, "the generated study's automatic result should show the spleen on many slices"
+    zs = spleen_slices[1:3]
+    segments = {n: m if n != "spleen" else on_slices(m, zs) for n, m in shown.items()}  # cleared, the same two again
+    params, label, _ = result(scribbles(server, "ct_006", list(segments.items()), "spleen"))
+    assert params["support_slices"] == zs and params["not_here_slices"] == []
+    got = slicer_import(label, ["spleen"])["spleen"]
+    assert np.array_equal(got[..., zs], shown["spleen"][..., zs])
+    # on the automatic result again, the user erases the spleen on one slice: "not here" there, a support with an
+    # empty mask beside the two slices drawn before
+    result(infer(server, "proxy_prompt", "ct_006", {"support_ids": "ct_000,ct_001"}))
+    b = spleen_slices[0]
+    erased = {**shown, "spleen": shown["spleen"].copy()}
+    erased["spleen"][..., b] = False
+    params, label, _ = result(scribbles(server, "ct_006", list(erased.items()), "spleen"))
+    assert params["drawn_slices"] == [b] and params["not_here_slices"] == [b] and params["support_slices"] == zs
+    assert not slicer_import(label, ["spleen"])["spleen"][..., b].any()
+
+
+def test_drawn_slices_stay_supports_across_updates_and_a_restart(tmp_path):
+    studies = write_studies(tmp_path / "studies", n_studies=3, n_labelled=2, shape=(48, 48, 10), seed=1)
+    truth_dir = write_studies(tmp_path / "truth", n_studies=3, n_labelled=3, shape=(48, 48, 10), seed=1)
+    app = copy_app(tmp_path)
+    url, proc = start_server(tmp_path, app, studies)
+    srv = {"url": url, "studies": studies, "truth": truth_dir}
+    truth, _ = study(srv, "ct_002")
+    liver = truth["liver"]
+    shows = [z for z in range(liver.shape[-1]) if liver[..., z].any()]
+    z1, z2, z3 = shows[1], shows[len(shows) // 2], shows[-2]
+    empty = np.zeros_like(liver)
+    try:
+        params, label, _ = result(scribbles(srv, "ct_002", [("liver", on_slices(liver, [z1])), ("spleen", empty)],
+                                            "liver"))  # fmt: skip
+        assert params["drawn_slices"] == [z1] and params["support_slices"] == [z1]
+        shown = slicer_import(label, ["liver"])["liver"]  # what Slicer now shows
+        stroke = np.eye(48, dtype=bool)  # drawings that differ from any answer: the truth with a stroke across
+        shown[..., z2] = liver[..., z2] ^ stroke  # the user draws z2
+        params, label, _ = result(scribbles(srv, "ct_002", [("liver", shown), ("spleen", empty)], "liver"))
+        assert params["drawn_slices"] == [z2] and params["support_slices"] == sorted({z1, z2})
+        kept = slicer_import(label, ["liver"])["liver"]
+        assert np.array_equal(kept[..., z1], liver[..., z1]) and np.array_equal(kept[..., z2], shown[..., z2])
+        proc.terminate()
+        proc.wait(30)
+        url, proc = start_server(tmp_path, app, studies)  # restarted: drawn slices and last results are on disk
+        srv["url"] = url
+        kept[..., z3] = liver[..., z3] ^ stroke
+        params, label, _ = result(scribbles(srv, "ct_002", [("liver", kept), ("spleen", empty)], "liver"))
+        assert params["drawn_slices"] == [z3] and params["support_slices"] == sorted({z1, z2, z3})
+        again = slicer_import(label, ["liver"])["liver"]
+        assert all(np.array_equal(again[..., z], kept[..., z]) for z in (z1, z2, z3))
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def test_submit_after_deleting_a_segment_stores_the_app_values(server):

@@ -13,10 +13,11 @@ from monai.transforms import KeepLargestConnectedComponent
 from torch import Tensor
 
 from ..backbones.base import Features
+from ..data.intensity import to_byte_range
 from ..lora import merged_lora
 from ..modeling.generator import Selected, SupportEmbedding
 from ..modeling.proxy_sam import ProxyPromptSAM
-from .slices import as_slices, to_label
+from .slices import as_slices, encode_slices, to_label
 
 
 def byte_volume(image: Tensor) -> Tensor:
@@ -53,6 +54,19 @@ def encode_volume(model: ProxyPromptSAM, image: Tensor, axis: int) -> EncodedVol
     features = Features.cat(parts)
     vectors = F.normalize(features.embed.mean(dim=(2, 3)), dim=1)
     return EncodedVolume(torch.cat(xs), features, vectors, tuple(slices.shape[-2:]))
+
+
+def encoded_slices(model: ProxyPromptSAM, image: Tensor, axis: int, features: Features | None = None) -> EncodedVolume:
+    """Every slice of a (C, *spatial) volume along ``axis`` as `segment_image` reads it (each slice scaled to its own
+    byte range), with its encoder ``features`` computed ahead (`encode_slices`, a service's cache) or now."""
+    slices = as_slices(image, axis)
+    if features is None:
+        features = encode_slices(model, image, axis)
+    if len(features.embed) != len(slices):
+        raise ValueError(f"features of {len(features.embed)} slices for a volume of {len(slices)} slices")
+    x = torch.cat([model.backbone.preprocess(to_byte_range(s)[None])[0].cpu() for s in slices])
+    vectors = F.normalize(features.embed.mean(dim=(2, 3)), dim=1)
+    return EncodedVolume(x, features, vectors, tuple(slices.shape[-2:]))
 
 
 def in_frame(model: ProxyPromptSAM, masks: Tensor, size: tuple[int, int]) -> Tensor:

@@ -21,6 +21,7 @@ from torch import Tensor
 from ..data.intensity import to_byte_range
 from ..inference.policy import DecodePolicy
 from ..inference.slices import as_slices
+from ..inference.volume import encoded_slices, propagate, to_volume
 from ..modeling.generator import SupportEmbedding
 from ..modeling.proxy_sam import ProxyPromptSAM
 from .encodings import EncodingCache, StudyEncoder
@@ -137,6 +138,27 @@ class ProxyPromptService:
             info["segment_seconds"] = round(time.monotonic() - start, 2)
         return label, info
 
+    def propagate(
+        self, image: Tensor, drawn: dict[int, Tensor], label_ids: Sequence[int], *, study: Study | None = None
+    ) -> tuple[Tensor, dict]:
+        """Label map of a volume (C, *spatial) from slices drawn in it, propagated outward slice by slice
+        (`inference.volume.propagate`), with the base weights. ``drawn``: slice index along the service's axis ->
+        (H, W) label map of ``label_ids``; an all-zero one says the objects are not on that slice. ``study``: as in
+        `segment` (its encoder features cached)."""
+        start = time.monotonic()
+        features, info = None, {}
+        if study is not None and self.encoder is not None:
+            cached = study in self.encoder
+            features = self.encoder.features(study, image)
+            info["study_encoding"] = "cached" if cached else f"encoded now ({time.monotonic() - start:.1f} s)"
+        with self.lock:
+            self.weights.load_base()
+            volume = encoded_slices(self.model, image, self.axis, features)
+            start = time.monotonic()
+            label = to_volume(propagate(self.model, volume, drawn, label_ids), self.axis)
+        info |= {"weights": self.weights.description, "segment_seconds": round(time.monotonic() - start, 2)}
+        return label, info
+
     def confidence(self, image: Tensor, support: Support, slices: int = 3) -> float:
         """The mask decoder's mean predicted IoU over the objects on a few slices of ``image``: low means unsure."""
         with self.lock:
@@ -150,9 +172,6 @@ class ProxyPromptService:
     # what the app asks of the parts
     def study_support(self, studies: Sequence[Study], label_ids: Sequence[int]) -> Support:
         return self.supports.studies(studies, label_ids)
-
-    def slice_support(self, image: Tensor, label: Tensor, label_ids: Sequence[int], name: str) -> Support:
-        return self.supports.drawn(image, label, label_ids, name)
 
     def most_similar(self, target: Study, candidates: Sequence[Study], k: int, image: Tensor | None = None):
         with self.lock:

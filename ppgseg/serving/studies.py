@@ -1,5 +1,4 @@
-"""Studies of a datastore and the support sets made of them: labelled studies (a few slices of each), or the slices a
-user drew in the study being segmented."""
+"""Studies of a datastore and the support sets made of them: a few slices of each labelled study."""
 
 from __future__ import annotations
 
@@ -11,10 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torch import Tensor
-
 from ..data.contract import Sample, load_samples
-from ..inference.slices import as_slices
 
 
 @dataclass(frozen=True)
@@ -42,7 +38,6 @@ class Support:
     same_study: bool = False
     sources: list[str] = field(default_factory=list)
     stamps: list[str] = field(default_factory=list)  # of the labelled studies it comes from
-    drawn: bool = False  # slices the user drew in the study being segmented
 
 
 def digest(*parts) -> str:
@@ -98,16 +93,3 @@ class SupportReader:
         with self._lock:
             keep(self._supports, key, support, self.memory)
         return support
-
-    def drawn(self, image: Tensor, label: Tensor, label_ids: Sequence[int], name: str) -> Support:
-        """The support set of slices a user labelled in the volume being segmented: (C, *spatial) image and its
-        (*spatial) label map, 0 on unlabelled slices."""
-        ids = list(label_ids)
-        slices, labels = as_slices(image, self.axis), as_slices(label[None], self.axis)[:, 0]
-        drawn = [z for z in range(len(labels)) if bool(labels[z].bool().any())]
-        samples = [Sample(slices[z].float(), labels[z].long(), f"{name}#{self.axis}:{z}") for z in drawn]
-        samples = [s for s in samples if s.shows(ids)]
-        if not samples:
-            raise ValueError(f"no slice of the uploaded label shows label id(s) {ids}: label at least one slice")
-        key = digest(name, hashlib.sha1(label.numpy().tobytes()).hexdigest(), ids, self.axis)
-        return Support(samples, ids, key, same_study=True, sources=[s.source for s in samples], drawn=True)

@@ -26,8 +26,6 @@ class FineTuneSettings:
 
     Args:
         seconds: time bound of a fine-tune on other studies' labels (0: never fine-tune).
-        drawn_seconds: the same for slices drawn in the study being segmented (0, the default: the user waits for that
-            answer, and a fine-tune on a handful of slices has lowered Dice on generated studies).
         lr: its learning rate (the paper's SGD otherwise; at the paper's 0.01 a minute on nine CT slices collapsed the
             bundle's default weights to empty masks). A fine-tune that does not lower the loss of fixed episodes of
             the support is discarded.
@@ -35,16 +33,12 @@ class FineTuneSettings:
     """
 
     seconds: float = 60.0
-    drawn_seconds: float = 0.0
     lr: float = 0.002
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.seconds < 0 or self.drawn_seconds < 0:
-            raise ValueError(f"finetune seconds must be >= 0, got {self.seconds}, {self.drawn_seconds}")
-
-    def bound(self, support: Support) -> float:
-        return self.drawn_seconds if support.drawn else self.seconds
+        if self.seconds < 0:
+            raise ValueError(f"finetune seconds must be >= 0, got {self.seconds}")
 
 
 ON_THE_FLY = FineTuneSettings()  # the app's defaults
@@ -93,7 +87,7 @@ class SupportWeights:
         fine-tuned on the pairs. Returns the weights key, their description and the fine-tune's bank (None when
         nothing was trained now)."""
         known = bool(support.stamps) and set(support.stamps) <= self.trained_on
-        bound = self.settings.bound(support)
+        bound = self.settings.seconds
         if bound == 0 or known or not trains:
             self._load(self.base)
             return self.base_key, self.description, None
@@ -118,6 +112,10 @@ class SupportWeights:
         path.with_suffix(".json").write_text(json.dumps({"weights": description, "sources": support.sources}))
         keep(self._states, key, (snapshot(self.model), description), self.memory)
         return key, description, done.bank
+
+    def load_base(self) -> None:
+        """Load the base weights (for what segments with them as they are)."""
+        self._load(self.base)
 
     def _load(self, state: dict) -> None:
         self.model.load_state_dict(state, strict=False)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections import OrderedDict
 from pathlib import Path
 
-import numpy as np
 from fastapi import HTTPException
 
+from lib.drawn import DrawnSlices, LastResults
 from ppgseg import build_model
 from ppgseg.checkpoint import load_ppg
 from ppgseg.inference import DecodePolicy
@@ -32,7 +31,6 @@ DEFAULTS = {
     "support_slices": "3",  # slices taken from each labelled support volume
     "axis": "2",  # slicing axis of volumes
     "finetune_seconds": "60",  # time bound of the on-the-fly fine-tune on a new support set (0: off)
-    "finetune_drawn_seconds": "0",  # the same for slices drawn in the study itself (Scribbles; 0: off, see README)
     "finetune_lr": "0.002",  # its SGD learning rate (gentler than training from scratch: few pairs, no schedule)
     "tile": None,  # segment in native-resolution tiles of this side (e.g. 256 for fundus vessels); default: one pass
     "encode_cache_gb": "4",  # disk for encoder features of studies encoded ahead of need (0: off)
@@ -42,31 +40,6 @@ DEFAULTS = {
     "seed": "0",
 }
 MODELS = ("proxy_prompt",)
-
-
-class LastResults:
-    """What the app last returned for each image, per label name (bit-packed masks, the last ``memory`` images), so
-    that a Scribbles update can tell the user's edits from the automatic result it starts from."""
-
-    def __init__(self, memory: int = 16) -> None:
-        self.memory = memory
-        self._items: OrderedDict[str, dict[str, tuple[tuple[int, ...], np.ndarray]]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def put(self, image: str, masks: dict[str, np.ndarray]) -> None:
-        with self._lock:
-            item = self._items.pop(image, {})
-            item.update({n: (m.shape, np.packbits(m.astype(bool), axis=None)) for n, m in masks.items()})
-            self._items[image] = item
-            while len(self._items) > self.memory:
-                self._items.popitem(last=False)
-
-    def get(self, image: str, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
-        with self._lock:
-            shape_bits = self._items.get(image, {}).get(name)
-        if shape_bits is None or tuple(shape_bits[0]) != tuple(shape):
-            return None
-        return np.unpackbits(shape_bits[1], count=int(np.prod(shape))).reshape(shape).astype(bool)
 
 
 def bad_request(status: int, message: str) -> HTTPException:
@@ -119,7 +92,6 @@ class ProxyPromptConfig:
                 int(c[k]) for k in ("num_support", "support_slices", "axis")
             )
             finetune_seconds, finetune_lr = float(c["finetune_seconds"]), float(c["finetune_lr"])
-            finetune_drawn_seconds = float(c["finetune_drawn_seconds"])
             self.seed = int(c["seed"])
             self.encode_cache_bytes = int(float(c["encode_cache_gb"]) * 2**30)
             self.tile = int(c["tile"]) if c["tile"] else None
@@ -135,7 +107,7 @@ class ProxyPromptConfig:
             self.policy = DecodePolicy(
                 min_carried=min_carried, box_refine=str(c["box_refine"]).lower() == "true", z_stride=z_stride
             )
-            self.finetune = FineTuneSettings(finetune_seconds, finetune_drawn_seconds, finetune_lr, self.seed)
+            self.finetune = FineTuneSettings(finetune_seconds, finetune_lr, self.seed)
         except ValueError as err:
             raise ValueError(f"--conf: {err}") from err
         if self.tile and self.backbone == "sam2":
@@ -147,7 +119,8 @@ class ProxyPromptConfig:
         self._loaded: tuple | None = None
         self._lock = threading.Lock()
         self._usable: dict[str, bool] = {}
-        self.results = LastResults()
+        kept = self.studies / ".ppgseg"  # drawn slices and last results, kept in the datastore across restarts
+        self.results, self.drawn = LastResults(kept), DrawnSlices(kept)
 
     # --- weights -------------------------------------------------------------------------------------------------
     def base_weights(self) -> tuple[Path | None, str, list[str]]:

@@ -117,14 +117,19 @@ class StudySupportInfer(_ProxyPromptInfer):
 
 
 class SliceSupportInfer(_ProxyPromptInfer):
-    """Segments a volume from the slices the user drew or corrected in it (Slicer's Scribbles panel: Update).
+    """Segments a volume from the slices the user drew or corrected in it (Slicer's Scribbles panel: Update), by
+    propagation: outward from the drawn slices, each next slice prompted by its nearest drawn or already segmented
+    slices, an object ending where it comes back empty or unsure (`ProxyPromptService.propagate`).
 
     The ``label`` upload is Slicer's export of every segment, value = segment position + 1, named by ``label_info``
     (``[{"name", "id"}]``); the answer is ``selected_label_name`` as value 1, what the panel loads. The panel's
     ``foreground_scribbles`` layer adds to the selected object and ``background_scribbles`` marks not-object. The
-    slices that count as drawn are those that differ from what the app last returned for this image and object (so
+    slices drawn in this Update are those that differ from what the app last returned for this image and object (so
     correcting two slices of an automatic result propagates the correction), plus the slices with scribbles; with no
-    earlier result, every slice that shows the object. They are the support; every other slice is segmented, and the
+    earlier result, every slice that shows the object. Every slice drawn in an earlier Update of the same study and
+    object stays a support (kept in the datastore, so also across a restart) until it is drawn again. A slice where the
+    user erased the object says "not here": a support with an empty mask, and propagation does not pass it. Clearing
+    the segment (the object erased from most slices of the last result) starts afresh from what is drawn now. The
     drawn slices come back as drawn. Without ``label_info`` (other clients), values are the app's label values, the
     ``labels`` option (default: those drawn) names what to segment, and the answer has values 1..N in that order."""
 
@@ -150,47 +155,63 @@ class SliceSupportInfer(_ProxyPromptInfer):
             )
         wanted, erase, marked = self.drawn_objects(request, values)
         service, key = self.app.service(), self.app.result_key(request)
-        axis = service.axis
-        by_slice = values.shape[axis]
-        edited = np.zeros(by_slice, bool)
-        edited[marked] = True
-        for name, mask in wanted.items():
-            # a Slicer upload holds the whole segmentation, so slices are compared with the last result; other
-            # clients upload only what they drew
-            last = self.app.results.get(key, name, mask.shape) if "label_info" in request else None
-            change = mask if last is None else mask != last
-            edited |= np.moveaxis(change, axis, 0).reshape(by_slice, -1).any(axis=1)
-        drawn = np.flatnonzero(edited).tolist()
-        names = ", ".join(wanted)
-        if not drawn:
-            raise bad_request(
-                422,
-                f"nothing drawn or changed for {names} since the last result: draw {names} on one or more slices, "
-                "or correct the result on a slice, then Update",
-            )
-        support_label = np.zeros(values.shape, np.uint8)
-        for name, mask in wanted.items():
-            support_label[mask] = self.app.labels[name]
-        on_drawn = np.zeros(values.shape, bool)
-        np.moveaxis(on_drawn, axis, 0)[edited] = True
-        support_label[~on_drawn] = 0
-        absent = [n for n in wanted if not (support_label == self.app.labels[n]).any()]
-        if absent:
-            raise bad_request(
-                422, f"{', '.join(absent)} is drawn on none of the slices you drew or changed ({drawn}): draw it there"
-            )
-        ids = [self.app.labels[n] for n in wanted]
-        name = request.get("image_id") or Path(request["image"]).name
-        support = service.slice_support(image, torch.from_numpy(support_label).long(), ids, name)
+        axis, shape = service.axis, values.shape
         target = Study(request["image_id"], Path(request["image"])) if request.get("image_id") else None
-        label, info = service.segment(image, support, skip=drawn, study=target)
-        label = label.numpy()
-        label[on_drawn] = support_label[on_drawn]  # the user's slices as drawn
-        label[erase] = 0
-        info["drawn_slices"] = drawn
-        return self.respond(
-            request, image, torch.from_numpy(label), {n: self.app.labels[n] for n in wanted}, info, start
-        )
+        out = np.zeros(shape, np.uint8)
+        info: dict = {}
+        for name, mask in wanted.items():
+            kept, edited = self.drawn_slices(request, key, name, mask, marked, axis)
+            if not edited:
+                raise bad_request(
+                    422,
+                    f"nothing drawn or changed for {name} since the last result: draw {name} on one or more slices, "
+                    "or correct the result on a slice, then Update",
+                )
+            shows = sorted(z for z, m in kept.items() if m.any())
+            if not shows:
+                raise bad_request(422, f"{name} is drawn on no slice (the slices you drew show none of it): draw it")
+            self.app.drawn.put(key, name, shape, axis, kept)
+            value = self.app.labels[name]
+            drawn = {z: torch.from_numpy(m.astype(np.uint8) * value) for z, m in kept.items()}
+            label, more = service.propagate(image, drawn, [value], study=target)
+            got = label.numpy() == value
+            for z, m in kept.items():  # the user's slices as drawn
+                np.moveaxis(got, axis, 0)[z] = m
+            out[got & (out == 0)] = value
+            info |= more
+            info.setdefault("drawn_slices", []).extend(edited)
+            info.setdefault("support_slices", []).extend(shows)
+            info.setdefault("not_here_slices", []).extend(sorted(set(kept) - set(shows)))
+        out[erase] = 0
+        info = {k: sorted(set(v)) if isinstance(v, list) else v for k, v in info.items()}
+        info["support_pairs"] = len(info["support_slices"])
+        return self.respond(request, image, torch.from_numpy(out), {n: self.app.labels[n] for n in wanted}, info, start)
+
+    def drawn_slices(
+        self, request: dict, key: str, name: str, mask: np.ndarray, marked: list[int], axis: int
+    ) -> tuple[dict[int, np.ndarray], list[int]]:
+        """Every slice drawn so far for ``name`` ({slice: (H, W) mask}, this Update's drawing replacing earlier ones
+        on the same slice) and the slices drawn in this Update."""
+        by_slice = np.moveaxis(mask, axis, 0)
+        kept = self.app.drawn.get(key, name, mask.shape, axis)
+        # a Slicer upload holds the whole segmentation, so slices are compared with the last result; other clients
+        # upload only what they drew
+        last = self.app.results.get(key, name, mask.shape) if "label_info" in request else None
+        if last is None:
+            edited = by_slice.reshape(len(by_slice), -1).any(1)
+        else:
+            last_by_slice = np.moveaxis(last, axis, 0)
+            edited = (by_slice != last_by_slice).reshape(len(by_slice), -1).any(1)
+            shown = last_by_slice.reshape(len(by_slice), -1).any(1)
+            result_only = [z for z in np.flatnonzero(shown) if z not in kept]  # what propagation added
+            erased = [z for z in result_only if not by_slice[z].any()]
+            if result_only and len(erased) > len(result_only) / 2:  # the segment was cleared: start afresh
+                kept = {}
+                edited = by_slice.reshape(len(by_slice), -1).any(1)
+        edited[marked] = True
+        drawn = np.flatnonzero(edited).tolist()
+        kept.update({z: by_slice[z].copy() for z in drawn})
+        return kept, drawn
 
     def drawn_objects(self, request: dict, values: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, list[int]]:
         """{label name: drawn mask}, the not-object mask (background scribbles) and the slices with scribbles."""
