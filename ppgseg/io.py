@@ -72,3 +72,11 @@ def write_label(label: Tensor, image: MetaTensor, output_dir: str | Path, name: 
     )
     saver(out)
     return Path(output_dir) / f"{name}{ext}"
+
+
+def voxel_spacing(image: MetaTensor) -> tuple[float, float, float]:
+    """A volume's voxel spacing (x, y, z) as read (1 mm where the file says nothing)."""
+    pixdim = getattr(image, "pixdim", None)
+    if pixdim is None or len(pixdim) < 3:
+        return (1.0, 1.0, 1.0)
+    return tuple(float(s) if float(s) > 0 else 1.0 for s in pixdim[:3])

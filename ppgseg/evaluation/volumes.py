@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..data.contract import read_labels, read_split
-from ..inference.atlas import AtlasRegistration, Registered, atlas_slice, fuse, to_sitk, vote
+from ..inference.atlas import AtlasRegistration, Registered, fuse, to_sitk
 from ..inference.slices import as_slices
 from ..inference.volume import (
     EncodedVolume,
@@ -31,8 +31,8 @@ from ..inference.volume import (
     byte_volume,
     encode_volume,
     one_component,
-    position_supports,
     propagate,
+    segment_registered,
     segment_slices,
 )
 from ..io import read_image
@@ -216,16 +216,16 @@ class VolumeProtocol:
             bank = LabelledSlices.cat(banks[:k])
             fractions = [r.fractions for r in registered[:k]]
             self.score(out, "registration", k, fuse(fractions, self.label_ids), truth, sum(reg_seconds[:k]))
-            at = torch.tensor([[atlas_slice(r, study.image.shape, self.axis, z, study.spacing) for r in registered[:k]]
-                               for z in range(len(enc))])  # fmt: skip
-            supports = position_supports(bank, at, enc.vectors)
-            prior = self.slices(torch.from_numpy(vote(fractions)).movedim(0, -1)).movedim(-1, 1)  # (Z, N, H, W)
-            m, ids = self.model, self.label_ids
+            m, ids, regs = self.model, self.label_ids, registered[:k]
+            spacings = [a.spacing for a in atlases[:k]]
+            where = dict(shape=study.image.shape, spacing=study.spacing, atlas_spacings=spacings)
             routes = {
                 "ppg_fixed_supports": partial(segment_slices, m, enc, bank, [fixed_rows(bank, k)] * len(enc), ids),
-                "ppg_position_supports": partial(self.largest, segment_slices, m, enc, bank, supports, ids),
+                "ppg_position_supports": partial(
+                    self.largest, segment_registered, m, enc, bank, regs, ids, self.axis, prompt=False, **where
+                ),
                 "ppg_registration_prompt": partial(
-                    self.largest, segment_slices, m, enc, bank, supports, ids, prior=prior
+                    self.largest, segment_registered, m, enc, bank, regs, ids, self.axis, **where
                 ),
             }
             for name, route in routes.items():

@@ -143,9 +143,12 @@ def fuse(fractions: Sequence[np.ndarray], label_ids: Sequence[int]) -> Tensor:
     return torch.from_numpy(ids[np.concatenate([background[None], v]).argmax(0)])
 
 
-def atlas_slice(registered: Registered, target_shape: Sequence[int], axis: int, z: int, spacing=(1.0, 1.0, 1.0)):
-    """The index, along ``axis`` of the atlas, of the point the registration maps the centre of target slice ``z`` to
-    (rounded; may fall outside the atlas)."""
+def atlas_slice(
+    registered: Registered, target_shape: Sequence[int], axis: int, z: int, spacing=(1.0, 1.0, 1.0), atlas_spacing=None
+) -> int:
+    """The index, along ``axis`` of the atlas (voxel ``atlas_spacing``, default the target's ``spacing``), of the point
+    the registration maps the centre of target slice ``z`` to (rounded; may fall outside the atlas)."""
     centre = [(n - 1) / 2 * s for n, s in zip(target_shape, spacing, strict=True)]
     centre[axis] = z * spacing[axis]
-    return round(registered.transform.TransformPoint(centre)[axis] / spacing[axis])
+    step = (atlas_spacing or spacing)[axis]
+    return round(registered.transform.TransformPoint(centre)[axis] / step)

@@ -17,6 +17,7 @@ from ..data.intensity import to_byte_range
 from ..lora import merged_lora
 from ..modeling.generator import Selected, SupportEmbedding
 from ..modeling.proxy_sam import ProxyPromptSAM
+from .atlas import Registered, atlas_slice, vote
 from .slices import as_slices, encode_slices, to_label
 
 
@@ -200,6 +201,35 @@ def segment_slices(
                 logits = blended(logits, prior[z : z + 1], blend) * asked.cpu()[..., None, None]
             out[z] = to_label(logits, label_ids)[0]
     return out
+
+
+def segment_registered(
+    model: ProxyPromptSAM,
+    volume: EncodedVolume,
+    bank: LabelledSlices,
+    registered: Sequence[Registered],
+    label_ids: Sequence[int],
+    axis: int,
+    *,
+    shape: Sequence[int],
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    atlas_spacings: Sequence[Sequence[float]] | None = None,
+    prompt: bool = True,
+    blend: float = 0.5,
+) -> Tensor:
+    """(Z, H, W) label map of a (*``shape``) volume from labelled studies registered onto it: ``bank`` holds their
+    slices (study k = ``registered[k]``). Each target slice is prompted by the slices at its position in each study
+    (`position_supports`); with ``prompt`` the atlases' mean vote is the registration prompt (`segment_slices`)."""
+    spacings = atlas_spacings or [spacing] * len(registered)
+    at = torch.tensor(
+        [[atlas_slice(r, shape, axis, z, spacing, s) for r, s in zip(registered, spacings, strict=True)]
+         for z in range(len(volume))]
+    )  # fmt: skip
+    supports = position_supports(bank, at, volume.vectors)
+    prior = None
+    if prompt:
+        prior = as_slices(torch.from_numpy(vote([r.fractions for r in registered])), axis)  # (Z, N, H, W)
+    return segment_slices(model, volume, bank, supports, label_ids, prior=prior, blend=blend)
 
 
 def propagate(

@@ -19,9 +19,11 @@ import torch
 from torch import Tensor
 
 from ..data.intensity import to_byte_range
+from ..inference.atlas import AtlasRegistration, to_sitk
 from ..inference.policy import DecodePolicy
 from ..inference.slices import as_slices
-from ..inference.volume import encoded_slices, propagate, to_volume
+from ..inference.volume import EncodedVolume, LabelledSlices, encoded_slices, propagate, segment_registered, to_volume
+from ..io import read_image, voxel_spacing
 from ..modeling.generator import SupportEmbedding
 from ..modeling.proxy_sam import ProxyPromptSAM
 from .encodings import EncodingCache, StudyEncoder
@@ -88,6 +90,7 @@ class ProxyPromptService:
                 "off here (encode_cache_bytes 0, tiles, video mode or a trainable encoder): every slice is decoded"
             )
         self._embeddings: OrderedDict[str, SupportEmbedding] = OrderedDict()  # weights key + support key
+        self.registration = AtlasRegistration()
 
     def set_weights(self, description: str, trained_on: Sequence[str] = ()) -> None:
         """Take the model's current weights as the base (after loading new trained weights into it)."""
@@ -138,6 +141,52 @@ class ProxyPromptService:
             info["segment_seconds"] = round(time.monotonic() - start, 2)
         return label, info
 
+    def encoded(self, image: Tensor, study: Study | None = None) -> tuple[EncodedVolume, str]:
+        """A volume's slices encoded (`encoded_slices`): from the study encoding cache where ``study`` is given and
+        the cache is on, else now. Also says which."""
+        start = time.monotonic()
+        if study is not None and self.encoder is not None:
+            cached = study in self.encoder
+            features = self.encoder.features(study, image)
+            with self.lock:
+                volume = encoded_slices(self.model, image, self.axis, features)
+            return volume, "cached" if cached else f"encoded now ({time.monotonic() - start:.1f} s)"
+        with self.lock:
+            volume = encoded_slices(self.model, image, self.axis)
+        return volume, f"encoded now ({time.monotonic() - start:.1f} s)"
+
+    def segment_registered(
+        self, image: Tensor, studies: Sequence[Study], label_ids: Sequence[int], *, study: Study | None = None
+    ) -> tuple[Tensor, dict]:
+        """Label map of a volume (C, *spatial) from labelled ``studies`` registered onto it (`AtlasRegistration`):
+        each slice prompted by the studies' slices at its position, the atlases' vote as the registration prompt
+        (`inference.volume.segment_registered`), with the base weights. ``study``: as in `segment`."""
+        start = time.monotonic()
+        volume, how = self.encoded(image, study)
+        info: dict = {"study_encoding": how}
+        fixed = to_sitk(image[0], voxel_spacing(image))
+        registered, banks, spacings, seconds = [], [], [], 0.0
+        for k, s in enumerate(studies):
+            atlas, label = read_image(s.image), read_image(s.label).as_tensor()[0].round().to(torch.uint8)
+            spacings.append(voxel_spacing(atlas))
+            begin = time.monotonic()
+            registered.append(
+                self.registration.register(fixed, to_sitk(atlas[0], spacings[-1]), label.numpy(), label_ids)
+            )
+            seconds += time.monotonic() - begin
+            encoded, _ = self.encoded(atlas, s)
+            banks.append(LabelledSlices.of(self.model, encoded, label, label_ids, self.axis, study=k))
+        info["registration_seconds"] = round(seconds, 2)
+        start = time.monotonic()
+        with self.lock:
+            self.weights.load_base()
+            label = segment_registered(
+                self.model, volume, LabelledSlices.cat(banks), registered, label_ids, self.axis,
+                shape=image.shape[1:], spacing=voxel_spacing(image), atlas_spacings=spacings,
+            )  # fmt: skip
+        info |= {"weights": self.weights.description, "segment_seconds": round(time.monotonic() - start, 2)}
+        return to_volume(label, self.axis), info
+
     def propagate(
         self, image: Tensor, drawn: dict[int, Tensor], label_ids: Sequence[int], *, study: Study | None = None
     ) -> tuple[Tensor, dict]:
@@ -145,15 +194,10 @@ class ProxyPromptService:
         (`inference.volume.propagate`), with the base weights. ``drawn``: slice index along the service's axis ->
         (H, W) label map of ``label_ids``; an all-zero one says the objects are not on that slice. ``study``: as in
         `segment` (its encoder features cached)."""
-        start = time.monotonic()
-        features, info = None, {}
-        if study is not None and self.encoder is not None:
-            cached = study in self.encoder
-            features = self.encoder.features(study, image)
-            info["study_encoding"] = "cached" if cached else f"encoded now ({time.monotonic() - start:.1f} s)"
+        volume, how = self.encoded(image, study)
+        info = {"study_encoding": how}
         with self.lock:
             self.weights.load_base()
-            volume = encoded_slices(self.model, image, self.axis, features)
             start = time.monotonic()
             label = to_volume(propagate(self.model, volume, drawn, label_ids), self.axis)
         info |= {"weights": self.weights.description, "segment_seconds": round(time.monotonic() - start, 2)}

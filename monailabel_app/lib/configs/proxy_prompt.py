@@ -30,6 +30,7 @@ DEFAULTS = {
     "num_support": "3",  # K labelled studies per support set
     "support_slices": "3",  # slices taken from each labelled support volume
     "axis": "2",  # slicing axis of volumes
+    "auto_route": "registration",  # Auto Segmentation of volumes: "registration" (see README) or "fixed" supports
     "finetune_seconds": "60",  # time bound of the on-the-fly fine-tune on a new support set (0: off)
     "finetune_lr": "0.002",  # its SGD learning rate (gentler than training from scratch: few pairs, no schedule)
     "tile": None,  # segment in native-resolution tiles of this side (e.g. 256 for fundus vessels); default: one pass
@@ -101,6 +102,9 @@ class ProxyPromptConfig:
                 "--conf num_support, support_slices, axis, finetune_seconds, finetune_lr, seed, tile, encode_cache_gb, "
                 f"min_carried, z_stride: not a number ({err})"
             ) from err
+        self.auto_route = str(c["auto_route"])
+        if self.auto_route not in ("registration", "fixed"):
+            raise ValueError(f"--conf auto_route: 'registration' or 'fixed', got {self.auto_route!r}")
         if str(c["box_refine"]).lower() not in ("true", "false"):
             raise ValueError(f"--conf box_refine: 'true' or 'false', got {c['box_refine']!r}")
         try:

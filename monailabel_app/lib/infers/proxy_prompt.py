@@ -106,12 +106,20 @@ class StudySupportInfer(_ProxyPromptInfer):
             wanted = set(labels.values())
             full = [c for c in candidates if wanted <= service.shows(c)]
             chosen = service.most_similar(Study(target_id, Path(request["image"])), full or candidates, k, image)
-        try:
-            support = service.study_support(chosen, list(labels.values()))
-        except LookupError as err:
-            raise bad_request(422, f"{err}; name other support_ids or fewer labels") from err
         target = Study(target_id, Path(request["image"])) if target_id else None
-        label, info = service.segment(image, support, study=target)
+        if image.dim() == 4 and self.app.auto_route == "registration":
+            missing = [n for n, v in labels.items() if not any(v in service.shows(s) for s in chosen)]
+            if missing:
+                raise bad_request(422, f"{missing} appear in no chosen labelled study; name other support_ids")
+            label, info = service.segment_registered(image, chosen, list(labels.values()), study=target)
+            info["route"] = "registration prompt, supports at each slice's position"
+        else:
+            try:
+                support = service.study_support(chosen, list(labels.values()))
+            except LookupError as err:
+                raise bad_request(422, f"{err}; name other support_ids or fewer labels") from err
+            label, info = service.segment(image, support, study=target)
+            info["route"] = "fixed supports"
         info["support_ids"] = [s.id for s in chosen]
         return self.respond(request, image, label, labels, info, start)
 
