@@ -80,3 +80,11 @@ def voxel_spacing(image: MetaTensor) -> tuple[float, float, float]:
     if pixdim is None or len(pixdim) < 3:
         return (1.0, 1.0, 1.0)
     return tuple(float(s) if float(s) > 0 else 1.0 for s in pixdim[:3])
+
+
+def slice_axis(image: MetaTensor, default: int = 2) -> int:
+    """The axis a volume was acquired along: the one with the thickest voxel spacing, where it is clearly (a fifth)
+    thicker than the others; ``default`` for near-isotropic voxels."""
+    spacing = voxel_spacing(image)
+    thick = max(range(3), key=lambda a: spacing[a])
+    return thick if spacing[thick] > 1.2 * max(spacing[a] for a in range(3) if a != thick) else default

@@ -337,6 +337,38 @@ def test_label_names_must_be_contiguous(tmp_path, app_code):
         parse_labels(None, tmp_path)
 
 
+def test_the_slice_axis_follows_the_thickest_spacing(tmp_path, app_code):
+    """In-process, ``--conf axis auto``: a study acquired in 6 mm slabs along x (2 mm along y and z) is cut along x:
+    the slices drawn (and returned as drawn) are x planes, and so are Auto Segmentation's. The generated studies'
+    own voxels (8, 8, 3 mm) have no single thickest axis: they keep the default, z."""
+    from main import ProxyPromptApp
+
+    studies = write_studies(tmp_path / "studies", n_studies=3, n_labelled=2, shape=(48, 48, 10), seed=1)
+    truth = np.asarray(nib.load(write_studies(tmp_path / "truth", n_studies=3, n_labelled=3, shape=(48, 48, 10),
+                                              seed=1) / "labels" / "final" / "ct_002.nii.gz").dataobj)  # fmt: skip
+    assert np.allclose(nib.load(studies / "ct_000.nii.gz").header.get_zooms(), [8, 8, 3])
+    affine = np.diag([6.0, 2.0, 2.0, 1.0])
+    nib.save(
+        nib.Nifti1Image(np.asarray(nib.load(studies / "ct_002.nii.gz").dataobj), affine), studies / "ct_002.nii.gz"
+    )
+    app = ProxyPromptApp(str(copy_app(tmp_path)), str(studies), {**CONF, "axis": "auto", "auto_route": "registration"})
+    liver = truth == LABELS["liver"]
+    xs = [x for x in range(48) if liver[x].any()]
+    xs = [xs[len(xs) // 3], xs[2 * len(xs) // 3]]
+    drawn = np.zeros_like(truth)
+    drawn[xs] = truth[xs] * liver[xs]
+    label_file = tmp_path / "drawn.nii.gz"
+    label_file.write_bytes(nifti_bytes(drawn, affine))
+    out = app.infer({"model": "proxy_prompt_slices", "image": "ct_002", "label": str(label_file)})
+    assert out["params"]["slice_axis"] == 0 and out["params"]["drawn_slices"] == xs
+    got = np.asarray(nib.load(out["file"]).dataobj)
+    assert np.array_equal(got[xs] == 1, liver[xs])
+    out = app.infer({"model": "proxy_prompt", "image": "ct_002"})
+    assert out["params"]["slice_axis"] == 0 and out["params"]["route"].startswith("registration")
+    out = app.infer({"model": "proxy_prompt", "image": "ct_001"})
+    assert out["params"]["slice_axis"] == 2
+
+
 def test_2d_images_are_segmented_in_their_own_format_and_size(tmp_path, app_code):
     """In-process (no server): a datastore of PNG fundus-like images, two with final labels."""
     from PIL import Image

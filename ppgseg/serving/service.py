@@ -141,28 +141,38 @@ class ProxyPromptService:
             info["segment_seconds"] = round(time.monotonic() - start, 2)
         return label, info
 
-    def encoded(self, image: Tensor, study: Study | None = None) -> tuple[EncodedVolume, str]:
-        """A volume's slices encoded (`encoded_slices`): from the study encoding cache where ``study`` is given and
-        the cache is on, else now. Also says which."""
+    def encoded(self, image: Tensor, study: Study | None = None, axis: int | None = None) -> tuple[EncodedVolume, str]:
+        """A volume's slices along ``axis`` (default the service's) encoded (`encoded_slices`): from the study
+        encoding cache where ``study`` is given, the cache is on and the axis is the service's, else now. Also says
+        which."""
         start = time.monotonic()
-        if study is not None and self.encoder is not None:
+        axis = self.axis if axis is None else axis
+        if study is not None and self.encoder is not None and axis == self.axis:
             cached = study in self.encoder
             features = self.encoder.features(study, image)
             with self.lock:
-                volume = encoded_slices(self.model, image, self.axis, features)
+                volume = encoded_slices(self.model, image, axis, features)
             return volume, "cached" if cached else f"encoded now ({time.monotonic() - start:.1f} s)"
         with self.lock:
-            volume = encoded_slices(self.model, image, self.axis)
+            volume = encoded_slices(self.model, image, axis)
         return volume, f"encoded now ({time.monotonic() - start:.1f} s)"
 
     def segment_registered(
-        self, image: Tensor, studies: Sequence[Study], label_ids: Sequence[int], *, study: Study | None = None
+        self,
+        image: Tensor,
+        studies: Sequence[Study],
+        label_ids: Sequence[int],
+        *,
+        study: Study | None = None,
+        axis: int | None = None,
     ) -> tuple[Tensor, dict]:
         """Label map of a volume (C, *spatial) from labelled ``studies`` registered onto it (`AtlasRegistration`):
         each slice prompted by the studies' slices at its position, the atlases' vote as the registration prompt
-        (`inference.volume.segment_registered`), with the base weights. ``study``: as in `segment`."""
+        (`inference.volume.segment_registered`), with the base weights. ``study``: as in `segment`; ``axis``: the
+        slicing axis (default the service's)."""
         start = time.monotonic()
-        volume, how = self.encoded(image, study)
+        axis = self.axis if axis is None else axis
+        volume, how = self.encoded(image, study, axis)
         info: dict = {"study_encoding": how}
         fixed = to_sitk(image[0], voxel_spacing(image))
         registered, banks, spacings, seconds = [], [], [], 0.0
@@ -174,32 +184,40 @@ class ProxyPromptService:
                 self.registration.register(fixed, to_sitk(atlas[0], spacings[-1]), label.numpy(), label_ids)
             )
             seconds += time.monotonic() - begin
-            encoded, _ = self.encoded(atlas, s)
-            banks.append(LabelledSlices.of(self.model, encoded, label, label_ids, self.axis, study=k))
+            encoded, _ = self.encoded(atlas, s, axis)
+            banks.append(LabelledSlices.of(self.model, encoded, label, label_ids, axis, study=k))
         info["registration_seconds"] = round(seconds, 2)
         start = time.monotonic()
         with self.lock:
             self.weights.load_base()
             label = segment_registered(
-                self.model, volume, LabelledSlices.cat(banks), registered, label_ids, self.axis,
+                self.model, volume, LabelledSlices.cat(banks), registered, label_ids, axis,
                 shape=image.shape[1:], spacing=voxel_spacing(image), atlas_spacings=spacings,
             )  # fmt: skip
         info |= {"weights": self.weights.description, "segment_seconds": round(time.monotonic() - start, 2)}
-        return to_volume(label, self.axis), info
+        return to_volume(label, axis), info
 
     def propagate(
-        self, image: Tensor, drawn: dict[int, Tensor], label_ids: Sequence[int], *, study: Study | None = None
+        self,
+        image: Tensor,
+        drawn: dict[int, Tensor],
+        label_ids: Sequence[int],
+        *,
+        study: Study | None = None,
+        axis: int | None = None,
     ) -> tuple[Tensor, dict]:
         """Label map of a volume (C, *spatial) from slices drawn in it, propagated outward slice by slice
         (`inference.volume.propagate`), with the base weights. ``drawn``: slice index along the service's axis ->
         (H, W) label map of ``label_ids``; an all-zero one says the objects are not on that slice. ``study``: as in
-        `segment` (its encoder features cached)."""
-        volume, how = self.encoded(image, study)
+        `segment` (its encoder features cached); ``axis``: the
+        slicing axis ``drawn`` counts along (default the service's)."""
+        axis = self.axis if axis is None else axis
+        volume, how = self.encoded(image, study, axis)
         info = {"study_encoding": how}
         with self.lock:
             self.weights.load_base()
             start = time.monotonic()
-            label = to_volume(propagate(self.model, volume, drawn, label_ids), self.axis)
+            label = to_volume(propagate(self.model, volume, drawn, label_ids), axis)
         info |= {"weights": self.weights.description, "segment_seconds": round(time.monotonic() - start, 2)}
         return label, info
 

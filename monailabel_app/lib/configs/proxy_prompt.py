@@ -13,7 +13,7 @@ from lib.drawn import DrawnSlices, LastResults
 from ppgseg import build_model
 from ppgseg.checkpoint import load_ppg
 from ppgseg.inference import DecodePolicy
-from ppgseg.io import read_image
+from ppgseg.io import read_image, slice_axis
 from ppgseg.modeling.proxy_sam2_video import ProxyPromptVideo
 from ppgseg.serving import FineTuneSettings, ImageSegmenter, ProxyPromptService, Study, VideoSegmenter
 
@@ -29,7 +29,7 @@ DEFAULTS = {
     "labels": None,  # "liver,spleen" or '{"liver": 1, "spleen": 2}'; default: the studies folder's dataset.json
     "num_support": "3",  # K labelled studies per support set
     "support_slices": "3",  # slices taken from each labelled support volume
-    "axis": "2",  # slicing axis of volumes
+    "axis": "2",  # slicing axis of volumes; "auto": each volume's thickest spacing (2 where voxels are near-isotropic)
     "auto_route": "registration",  # Auto Segmentation of volumes: "registration" (see README) or "fixed" supports
     "finetune_seconds": "60",  # time bound of the on-the-fly fine-tune on a new support set (0: off)
     "finetune_lr": "0.002",  # its SGD learning rate (gentler than training from scratch: few pairs, no schedule)
@@ -88,9 +88,10 @@ class ProxyPromptConfig:
         self.backbone, self.preset, self.checkpoint = c["backbone"], c["preset"], c["checkpoint"]
         self.bundle = Path(c["bundle"]) if c["bundle"] else self.app_dir.parent / "bundle"
         self.labels = parse_labels(c["labels"], self.studies)
+        self.auto_axis = str(c["axis"]) == "auto"
         try:
             self.num_support, self.support_slices, self.axis = (
-                int(c[k]) for k in ("num_support", "support_slices", "axis")
+                int(c[k]) if c[k] != "auto" else 2 for k in ("num_support", "support_slices", "axis")
             )
             finetune_seconds, finetune_lr = float(c["finetune_seconds"]), float(c["finetune_lr"])
             self.seed = int(c["seed"])
@@ -205,6 +206,10 @@ class ProxyPromptConfig:
                 logger.warning(f"final label of {study.id} ({study.label}) is not used as support: {problem}")
             self._usable[key] = problem is None
         return self._usable[key]
+
+    def slice_axis(self, image) -> int:
+        """The slicing axis of a volume: ``--conf axis``, or with ``auto`` its thickest spacing."""
+        return slice_axis(image, self.axis) if self.auto_axis else self.axis
 
     @staticmethod
     def result_key(request: dict) -> str:

@@ -111,7 +111,9 @@ class StudySupportInfer(_ProxyPromptInfer):
             missing = [n for n, v in labels.items() if not any(v in service.shows(s) for s in chosen)]
             if missing:
                 raise bad_request(422, f"{missing} appear in no chosen labelled study; name other support_ids")
-            label, info = service.segment_registered(image, chosen, list(labels.values()), study=target)
+            axis = self.app.slice_axis(image)
+            label, info = service.segment_registered(image, chosen, list(labels.values()), study=target, axis=axis)
+            info["slice_axis"] = axis
             info["route"] = "registration prompt, supports at each slice's position"
         else:
             try:
@@ -161,9 +163,9 @@ class SliceSupportInfer(_ProxyPromptInfer):
                 f"the uploaded label is {tuple(values.shape)} but the image is "
                 f"{tuple(image.shape[1:])}: upload the label of this volume",
             )
-        wanted, erase, marked = self.drawn_objects(request, values)
+        axis, shape = self.app.slice_axis(image), values.shape
+        wanted, erase, marked = self.drawn_objects(request, values, axis)
         service, key = self.app.service(), self.app.result_key(request)
-        axis, shape = service.axis, values.shape
         target = Study(request["image_id"], Path(request["image"])) if request.get("image_id") else None
         out = np.zeros(shape, np.uint8)
         info: dict = {}
@@ -181,7 +183,7 @@ class SliceSupportInfer(_ProxyPromptInfer):
             self.app.drawn.put(key, name, shape, axis, kept)
             value = self.app.labels[name]
             drawn = {z: torch.from_numpy(m.astype(np.uint8) * value) for z, m in kept.items()}
-            label, more = service.propagate(image, drawn, [value], study=target)
+            label, more = service.propagate(image, drawn, [value], study=target, axis=axis)
             got = label.numpy() == value
             for z, m in kept.items():  # the user's slices as drawn
                 np.moveaxis(got, axis, 0)[z] = m
@@ -192,6 +194,7 @@ class SliceSupportInfer(_ProxyPromptInfer):
             info.setdefault("not_here_slices", []).extend(sorted(set(kept) - set(shows)))
         out[erase] = 0
         info = {k: sorted(set(v)) if isinstance(v, list) else v for k, v in info.items()}
+        info["slice_axis"] = axis
         info["support_pairs"] = len(info["support_slices"])
         return self.respond(request, image, torch.from_numpy(out), {n: self.app.labels[n] for n in wanted}, info, start)
 
@@ -221,12 +224,13 @@ class SliceSupportInfer(_ProxyPromptInfer):
         kept.update({z: by_slice[z].copy() for z in drawn})
         return kept, drawn
 
-    def drawn_objects(self, request: dict, values: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, list[int]]:
+    def drawn_objects(
+        self, request: dict, values: np.ndarray, axis: int
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, list[int]]:
         """{label name: drawn mask}, the not-object mask (background scribbles) and the slices with scribbles."""
         present = sorted(int(v) for v in np.unique(values) if v != 0)
         if not present:
             raise bad_request(422, "the uploaded label is empty: draw at least one slice")
-        axis = self.app.axis
         if "label_info" not in request:
             unknown = [v for v in present if v not in self.app.labels.values()]
             if unknown:
