@@ -94,9 +94,10 @@ def figure(results: dict, path: Path) -> None:
                 continue
             ks = sorted(by_key, key=int)
             ax.plot([int(k) for k in ks], [by_key[k].mean() for k in ks], marker="o", label=NAMES.get(method, method))
+        ticks = results["ks"] if mode == "studies" else results["drawn"]
         if mode == "studies":
             ax.set_xscale("log")
-            ax.set_xticks([int(k) for k in results["ks"]], [str(k) for k in results["ks"]])
+        ax.set_xticks([int(k) for k in ticks], [str(k) for k in ticks])
         ax.set_xlabel(head)
         ax.set_ylabel("mean Dice over labels")
         ax.set_ylim(0, 1)
