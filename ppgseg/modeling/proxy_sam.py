@@ -13,6 +13,9 @@ from .generator import ProxyPromptGenerator, Selected, SupportEmbedding
 from .prompt_route import PromptRoute
 
 
+ENCODE_BATCH = 32  # images per encoder call on an accelerator
+
+
 class ProxyPromptSAM(nn.Module):
     """Segments N objects in any number of targets from a support set of K image-mask pairs.
 
@@ -50,10 +53,12 @@ class ProxyPromptSAM(nn.Module):
         """Backbone features of preprocessed images (B, 3, S, S); no autograd where the encoder has no LoRA.
 
         On CPU the images go through the encoder one at a time: batching them is slower there (TinyViT, 2 cores:
-        8 images batched 12.5 s, one by one 9.0 s).
+        8 images batched 12.5 s, one by one 9.0 s). Elsewhere in batches of at most ``ENCODE_BATCH``, so that a whole
+        training bank does not hold every image's activations at once.
         """
-        if x.device.type == "cpu" and x.shape[0] > 1:
-            return Features.cat([self.encode_images(x[i : i + 1]) for i in range(x.shape[0])])
+        step = 1 if x.device.type == "cpu" else ENCODE_BATCH
+        if x.shape[0] > step:
+            return Features.cat([self.encode_images(x[i : i + step]) for i in range(0, x.shape[0], step)])
         if self.encoder_trains:
             return self.backbone.encode(x)
         with torch.no_grad():
