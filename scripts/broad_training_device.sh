@@ -39,9 +39,9 @@ fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} OMP_NUM_THREADS=${OMP_NUM_THREADS:-3} PYTHONUNBUFFERED=1
 say "python $($PY -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available())')"
 if [ ! -d data/demo/random ]; then
-  $PY scripts/make_demo_data.py --out data/demo ${DEMO_ARGS:-} >/dev/null &&
-    $PY scripts/make_demo_data.py --out data/demo ${RANDOM_ARGS:---random-tasks 12 --n-train 8 --n-test 2} >/dev/null ||
-    exit 1
+  $PY scripts/make_demo_data.py --out data/demo ${DEMO_ARGS:-} >/dev/null &
+  $PY scripts/make_demo_data.py --out data/demo ${RANDOM_ARGS:---random-tasks 12 --n-train 8 --n-test 2} >/dev/null &
+  wait
 fi
 say "data ready"
 

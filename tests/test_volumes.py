@@ -206,3 +206,58 @@ def test_volume_protocol_runs_every_method_resumes_and_reports(tmp_path, coarse_
     text = report.read_text()
     assert "multi-atlas registration" in text and "PPG propagation" in text and "## Targets" in text
     assert (out / "dice_vs_k.png").is_file() and (out / "overlays.png").is_file()
+
+
+# --- the bundle's folder inference ---------------------------------------------------------------------------------
+def write_studies(folder, studies, split="training"):
+    """Volumes and label maps as NIfTI in a data-contract folder (1 mm voxels)."""
+    import nibabel as nib
+
+    entries = []
+    for name, (image, label) in studies.items():
+        for kind, arr in (("images", image.numpy()), ("labels", label.numpy())):
+            (folder / kind).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(arr, np.eye(4)), folder / kind / f"{name}.nii.gz")
+        entries.append({"image": f"images/{name}.nii.gz", "label": f"labels/{name}.nii.gz"})
+    labels = {"0": "background", "1": "lower", "2": "upper"} if any(lab.max() > 1 for _, lab in studies.values()) \
+        else {"0": "background", "1": "object"}
+    (folder / "dataset.json").write_text(json.dumps({"labels": labels, split: entries, "test": []}))
+
+
+def test_folder_inference_registers_the_labelled_studies_onto_each_volume(tmp_path, coarse_model):
+    """The bundle's inference with ``atlases``: labelled volumes in the support folder are registered onto each
+    input volume and prompt it slice by slice. Through the `coarse` route the answer is their registered vote: it
+    must be that vote and follow the object where it moved, far better than either study as it lies; the support
+    set alone (atlases 0) answers otherwise. A support folder of 2D images leaves volumes to the support set."""
+    from PIL import Image
+
+    from ppgseg.inference import FolderSegmenter, SupportSet
+    from ppgseg.io import read_image
+
+    shape, radii = (40, 36, 20), (10, 8, 6)
+    studies = {f"s{i}": ellipsoid(shape=shape, centre=c, radii=radii, seed=i, two_labels=False)
+               for i, c in enumerate([(18, 17, 9), (21, 19, 10)])}  # fmt: skip
+    write_studies(tmp_path / "support", studies)
+    image, truth = ellipsoid(shape=shape, centre=(22, 16, 11), radii=radii, seed=5, two_labels=False)
+    write_studies(tmp_path / "target", {"t": (image, truth)})
+    registration = AtlasRegistration(affine_iterations=50, demons_iterations=20)
+    out = {}
+    for atlases in (2, 0):
+        seg = FolderSegmenter(coarse_model, SupportSet(tmp_path / "support", 2), atlases=atlases,
+                              registration=registration)  # fmt: skip
+        report = seg([tmp_path / "target/images/t.nii.gz"], tmp_path / f"out{atlases}")
+        assert not report["failed"], report
+        out[atlases] = read_image(next(iter(report["written"].values()))).as_tensor()[0].round().long()
+        assert out[atlases].shape == shape
+    fused, _ = registration(image, list(studies.values()), [1])
+    assert dice(out[2], fused, [1])[1] > 0.9
+    as_they_lie = max(dice(lab, truth, [1])[1] for _, lab in studies.values())
+    assert dice(out[2], truth, [1])[1] > max(0.78, as_they_lie + 0.1), (dice(out[2], truth, [1]), as_they_lie)
+    assert not torch.equal(out[2], out[0])
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "flat/a.png")
+    entry = {"image": "a.png", "label": "a.png"}
+    (tmp_path / "flat/dataset.json").write_text(json.dumps({"labels": {"0": "bg", "1": "a"}, "training": [entry]}))
+    flat = FolderSegmenter(coarse_model, SupportSet(tmp_path / "support", 2), atlases=2)
+    flat.support.folder = tmp_path / "flat"
+    assert flat.atlases() == []

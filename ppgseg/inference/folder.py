@@ -9,16 +9,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import LoadImage
 
+from ..data.contract import read_split
 from ..io import label_suffix, list_inputs, read_image, stem, write_label
 from ..modeling.generator import SupportEmbedding
 from ..modeling.proxy_sam import ProxyPromptSAM
+from .atlas import AtlasRegistration
 from .policy import EVERY_SLICE, DecodePolicy
 from .slices import segment_image
 from .support import SupportSet
 from .tiles import support_tile
+from .volume import Atlas, encoded_slices, register_atlases, segment_atlases, to_volume
 
 logger = logging.getLogger("ppgseg")
 
@@ -33,6 +37,12 @@ class FolderSegmenter:
     slice (MONAI's `SimpleInferer` by default; `NativeTileInferer` segments images larger than the encoder input in
     overlapping native-resolution tiles, the support cut into the same tiles and encoded once). ``policy``: how masks
     are decoded (`DecodePolicy`; every slice, since no encoder features are computed ahead here).
+
+    With ``atlases`` > 0 and labelled volumes in the support folder, a volume is segmented by the registration route
+    instead: the first ``atlases`` studies of the support folder's training split are registered onto it
+    (``registration``), each slice is prompted by their slices at its position and their vote is the registration
+    prompt (`segment_atlases`); the studies are read and encoded once, on the first volume. 2D inputs, and volumes
+    where the support folder holds 2D images, keep the support set.
     """
 
     def __init__(
@@ -43,10 +53,16 @@ class FolderSegmenter:
         axis: int = 2,
         inferer: Inferer | None = None,
         policy: DecodePolicy = EVERY_SLICE,
+        atlases: int = 0,
+        registration: AtlasRegistration | None = None,
     ) -> None:
+        if atlases < 0:
+            raise ValueError(f"atlases must be >= 0 (0: volumes use the support set), got {atlases}")
         self.model, self.support, self.axis, self.policy = model, support, axis, policy
         self.inferer = inferer or SimpleInferer()
         self.loader = LoadImage(image_only=True, ensure_channel_first=True)
+        self.atlas_count, self.registration = atlases, registration or AtlasRegistration()
+        self._atlases: list[Atlas] | None = None
 
     def __call__(self, inputs: str | Path | Sequence[str | Path], output_dir: str | Path) -> dict:
         """Segment ``inputs`` (a folder, or a list of its entries as `list_inputs` gives them) into ``output_dir``."""
@@ -83,10 +99,36 @@ class FolderSegmenter:
     def segment_files(self, paths: list[Path], output_dir: Path, embedding: SupportEmbedding) -> str:
         return str(self.segment_file(paths[0], output_dir, embedding))
 
+    def atlases(self) -> list[Atlas]:
+        """The labelled studies of the registration route, read and encoded on first use; none where the support
+        folder holds 2D images (volumes then use the support set, as with ``atlases`` 0)."""
+        if self._atlases is None:
+            folder, atlases = self.support.folder, []
+            for item in read_split(folder, "training")[: self.atlas_count]:
+                image = read_image(item["image"], self.loader)
+                if image.dim() != 4:
+                    logger.info(f"{folder} holds 2D images, not labelled volumes: volumes use the support set")
+                    atlases = []
+                    break
+                label = read_image(item["label"], self.loader).as_tensor()[0].round().to(torch.uint8)
+                atlases.append(Atlas(image, label, encoded_slices(self.model, image, self.axis)))
+            self._atlases = atlases
+        return self._atlases
+
     def segment_file(self, path: Path, output_dir: Path, embedding: SupportEmbedding) -> Path:
         image = read_image(path, self.loader)
+        if self.atlas_count and image.dim() == 4 and self.atlases():
+            label = self.segment_registered(image)
+            return write_label(label, image, output_dir, stem(path), label_suffix(path, image))
         label = segment_image(
             self.model, image, embedding, self.support.label_ids, axis=self.axis, policy=self.policy,
             inferer=self.inferer,
         )  # fmt: skip
         return write_label(label, image, output_dir, stem(path), label_suffix(path, image))
+
+    def segment_registered(self, image: MetaTensor) -> torch.Tensor:
+        """The (*spatial) label map of a volume by the registration route."""
+        atlases, ids = self.atlases(), self.support.label_ids
+        volume = encoded_slices(self.model, image, self.axis)
+        registered = register_atlases(self.registration, image, atlases, ids)
+        return to_volume(segment_atlases(self.model, image, volume, atlases, registered, ids, self.axis), self.axis)

@@ -14,10 +14,11 @@ from torch import Tensor
 
 from ..backbones.base import Features
 from ..data.intensity import to_byte_range
+from ..io import voxel_spacing
 from ..lora import merged_lora
 from ..modeling.generator import Selected, SupportEmbedding
 from ..modeling.proxy_sam import ProxyPromptSAM
-from .atlas import Registered, atlas_slice, vote
+from .atlas import AtlasRegistration, Registered, atlas_slice, to_sitk, vote
 from .slices import as_slices, encode_slices, to_label
 
 
@@ -230,6 +231,47 @@ def segment_registered(
     if prompt:
         prior = as_slices(torch.from_numpy(vote([r.fractions for r in registered])), axis)  # (Z, N, H, W)
     return segment_slices(model, volume, bank, supports, label_ids, prior=prior, blend=blend)
+
+
+@dataclass
+class Atlas:
+    """A labelled study for the registration route: ``image`` (C, *spatial) as read, its ``label`` map (*spatial)
+    and its slices ``encoded`` once (`encoded_slices`)."""
+
+    image: Tensor
+    label: Tensor
+    encoded: EncodedVolume
+
+
+def register_atlases(
+    registration: AtlasRegistration, image: Tensor, atlases: Sequence[Atlas], label_ids: Sequence[int]
+) -> list[Registered]:
+    """Each of ``atlases`` registered onto the volume ``image`` (C, *spatial), each with its voxel spacing."""
+    fixed = to_sitk(image[0], voxel_spacing(image))
+    return [
+        registration.register(fixed, to_sitk(a.image[0], voxel_spacing(a.image)), a.label.numpy(), label_ids)
+        for a in atlases
+    ]
+
+
+def segment_atlases(
+    model: ProxyPromptSAM,
+    image: Tensor,
+    volume: EncodedVolume,
+    atlases: Sequence[Atlas],
+    registered: Sequence[Registered],
+    label_ids: Sequence[int],
+    axis: int,
+) -> Tensor:
+    """(Z, H, W) label map of the volume ``image`` (its slices ``volume``) from ``atlases`` as ``registered`` onto
+    it (`segment_registered`, the registration prompt on)."""
+    bank = LabelledSlices.cat(
+        [LabelledSlices.of(model, a.encoded, a.label, label_ids, axis, study=k) for k, a in enumerate(atlases)]
+    )
+    return segment_registered(
+        model, volume, bank, registered, label_ids, axis, shape=image.shape[1:], spacing=voxel_spacing(image),
+        atlas_spacings=[voxel_spacing(a.image) for a in atlases],
+    )  # fmt: skip
 
 
 def propagate(

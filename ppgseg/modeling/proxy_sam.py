@@ -12,7 +12,6 @@ from .checks import check_in_frame, check_support
 from .generator import ProxyPromptGenerator, Selected, SupportEmbedding
 from .prompt_route import PromptRoute
 
-
 ENCODE_BATCH = 32  # images per encoder call on an accelerator
 
 

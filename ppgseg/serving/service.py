@@ -19,11 +19,19 @@ import torch
 from torch import Tensor
 
 from ..data.intensity import to_byte_range
-from ..inference.atlas import AtlasRegistration, to_sitk
+from ..inference.atlas import AtlasRegistration
 from ..inference.policy import DecodePolicy
 from ..inference.slices import as_slices
-from ..inference.volume import EncodedVolume, LabelledSlices, encoded_slices, propagate, segment_registered, to_volume
-from ..io import read_image, voxel_spacing
+from ..inference.volume import (
+    Atlas,
+    EncodedVolume,
+    encoded_slices,
+    propagate,
+    register_atlases,
+    segment_atlases,
+    to_volume,
+)
+from ..io import read_image
 from ..modeling.generator import SupportEmbedding
 from ..modeling.proxy_sam import ProxyPromptSAM
 from .encodings import EncodingCache, StudyEncoder
@@ -170,30 +178,20 @@ class ProxyPromptService:
         each slice prompted by the studies' slices at its position, the atlases' vote as the registration prompt
         (`inference.volume.segment_registered`), with the base weights. ``study``: as in `segment`; ``axis``: the
         slicing axis (default the service's)."""
-        start = time.monotonic()
         axis = self.axis if axis is None else axis
         volume, how = self.encoded(image, study, axis)
         info: dict = {"study_encoding": how}
-        fixed = to_sitk(image[0], voxel_spacing(image))
-        registered, banks, spacings, seconds = [], [], [], 0.0
-        for k, s in enumerate(studies):
+        atlases = []
+        for s in studies:
             atlas, label = read_image(s.image), read_image(s.label).as_tensor()[0].round().to(torch.uint8)
-            spacings.append(voxel_spacing(atlas))
-            begin = time.monotonic()
-            registered.append(
-                self.registration.register(fixed, to_sitk(atlas[0], spacings[-1]), label.numpy(), label_ids)
-            )
-            seconds += time.monotonic() - begin
-            encoded, _ = self.encoded(atlas, s, axis)
-            banks.append(LabelledSlices.of(self.model, encoded, label, label_ids, axis, study=k))
-        info["registration_seconds"] = round(seconds, 2)
+            atlases.append(Atlas(atlas, label, self.encoded(atlas, s, axis)[0]))
+        start = time.monotonic()
+        registered = register_atlases(self.registration, image, atlases, label_ids)
+        info["registration_seconds"] = round(time.monotonic() - start, 2)
         start = time.monotonic()
         with self.lock:
             self.weights.load_base()
-            label = segment_registered(
-                self.model, volume, LabelledSlices.cat(banks), registered, label_ids, axis,
-                shape=image.shape[1:], spacing=voxel_spacing(image), atlas_spacings=spacings,
-            )  # fmt: skip
+            label = segment_atlases(self.model, image, volume, atlases, registered, label_ids, axis)
         info |= {"weights": self.weights.description, "segment_seconds": round(time.monotonic() - start, 2)}
         return to_volume(label, axis), info
 
