@@ -767,3 +767,36 @@ def test_studies_encoded_ahead_segment_as_encoded_now(tmp_path):
     service.prefetch(labelled[0])
     encoder.join()
     assert labelled[0] in encoder
+
+
+def test_registrations_are_kept_per_study_pair_until_a_file_changes(tmp_path):
+    """In-process: the registration route registers each labelled study onto a datastore study once; the next
+    request reuses it and gives the same labels, and a changed label file registers that study again."""
+    import os
+
+    import torch
+
+    from ppgseg import build_model
+    from ppgseg.io import read_image
+    from ppgseg.serving import FineTuneSettings, ProxyPromptService, Study
+
+    studies = write_studies(tmp_path / "studies", n_studies=3, n_labelled=2, shape=(40, 40, 6), seed=3)
+    torch.manual_seed(0)
+    model = build_model("sam_tiny", "tiny", lora_sites=("decoder",))
+    service = ProxyPromptService(
+        model, weights="random", cache_dir=tmp_path / "cache", finetune=FineTuneSettings(seconds=0)
+    )
+    labelled = labelled_studies(studies, 2)
+    target = Study("ct_002", studies / "ct_002.nii.gz")
+    image, ids = read_image(target.image), list(LABELS.values())
+    first, info1 = service.segment_registered(image, labelled, ids, study=target)
+    again, info2 = service.segment_registered(image, labelled, ids, study=target)
+    assert (info1["registrations_cached"], info2["registrations_cached"]) == (0, 2)
+    assert torch.equal(first, again)
+    label = labelled[0].label
+    stat = label.stat()
+    os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the user saved a new label
+    _, info3 = service.segment_registered(image, labelled, ids, study=target)
+    assert info3["registrations_cached"] == 1
+    _, info4 = service.segment_registered(image, labelled, ids)  # not a datastore study: nothing kept
+    assert info4["registrations_cached"] == 0

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..data.intensity import to_byte_range
-from ..inference.atlas import AtlasRegistration
+from ..inference.atlas import AtlasRegistration, Registered
 from ..inference.policy import DecodePolicy
 from ..inference.slices import as_slices
 from ..inference.volume import (
@@ -37,10 +37,11 @@ from ..modeling.proxy_sam import ProxyPromptSAM
 from .encodings import EncodingCache, StudyEncoder
 from .segmenters import ImageSegmenter
 from .similarity import StudySimilarity
-from .studies import Study, Support, SupportReader, keep, sample_slices
+from .studies import Study, Support, SupportReader, digest, keep, sample_slices
 from .weights import ON_THE_FLY, FineTuneSettings, SupportWeights
 
 logger = logging.getLogger("ppgseg")
+REGISTERED_KEPT = 10  # registrations kept (a displacement field each: ~55 MB for 256 x 256 x 35 voxels)
 
 # the service's decoding unless told otherwise: an object the support carries nowhere on a slice is left empty there,
 # undecoded (generated 100-slice CT study, three objects: Auto Segmentation 40 -> 36 s, kidney Dice 0.80 -> 0.82)
@@ -99,6 +100,8 @@ class ProxyPromptService:
             )
         self._embeddings: OrderedDict[str, SupportEmbedding] = OrderedDict()  # weights key + support key
         self.registration = AtlasRegistration()
+        self._registered: OrderedDict[str, Registered] = OrderedDict()  # target stamp + atlas stamp + labels
+        self._registered_lock = threading.Lock()
 
     def set_weights(self, description: str, trained_on: Sequence[str] = ()) -> None:
         """Take the model's current weights as the base (after loading new trained weights into it)."""
@@ -186,7 +189,9 @@ class ProxyPromptService:
             atlas, label = read_image(s.image), read_image(s.label).as_tensor()[0].round().to(torch.uint8)
             atlases.append(Atlas(atlas, label, self.encoded(atlas, s, axis)[0]))
         start = time.monotonic()
-        registered = register_atlases(self.registration, image, atlases, label_ids)
+        done = [self.registered(image, study, s, a, label_ids) for s, a in zip(studies, atlases, strict=True)]
+        registered = [r for r, _ in done]
+        info["registrations_cached"] = sum(cached for _, cached in done)
         info["registration_seconds"] = round(time.monotonic() - start, 2)
         start = time.monotonic()
         with self.lock:
@@ -194,6 +199,23 @@ class ProxyPromptService:
             label = segment_atlases(self.model, image, volume, atlases, registered, label_ids, axis)
         info |= {"weights": self.weights.description, "segment_seconds": round(time.monotonic() - start, 2)}
         return to_volume(label, axis), info
+
+    def registered(
+        self, image: Tensor, target: Study | None, study: Study, atlas: Atlas, label_ids: Sequence[int]
+    ) -> tuple[Registered, bool]:
+        """``atlas`` (labelled ``study``) registered onto ``image``, and whether it was kept from an earlier request:
+        registrations are kept for the last `REGISTERED_KEPT` pairs of a datastore ``target`` and labelled study,
+        until either file changes."""
+        key = None if target is None else digest("registered/1", target.stamp(), study.stamp(), list(label_ids))
+        with self._registered_lock:
+            if key in self._registered:
+                self._registered.move_to_end(key)
+                return self._registered[key], True
+        done = register_atlases(self.registration, image, [atlas], label_ids)[0]
+        if key is not None:
+            with self._registered_lock:
+                keep(self._registered, key, done, REGISTERED_KEPT)
+        return done, False
 
     def propagate(
         self,
