@@ -3,7 +3,8 @@ box prompt on the same slices, measured in one run on this machine.
 
 Starts `monailabel start_server` on a free loopback port with the embedded default (LiteMedSAM, `cpu` preset,
 bundle default weights) and asks, as 3D Slicer would:
-1. `proxy_prompt` for a study, cold: support chosen by similarity, fine-tuned on the fly, support and study encoded;
+1. `proxy_prompt` for a study, cold: labelled studies chosen by similarity, then (the default registration route)
+   registered onto it, or (``--conf auto_route fixed``) a support set fine-tuned on the fly; everything encoded;
 2. the same again: everything cached;
 3. a new study uploaded to the datastore (`PUT /datastore/image`), which the app encodes in the background, then
    `proxy_prompt` on it with the same support set: only the PPG and the mask decoder run;
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--labelled", type=int, default=3, help="labelled studies in the datastore")
     parser.add_argument("--finetune-seconds", default="60")
     parser.add_argument("--z-stride", default="4", help="the app's z_stride (1: decode every slice)")
+    parser.add_argument("--auto-route", default="registration", choices=["registration", "fixed"])
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="ppgseg_bench_"))
@@ -74,6 +76,7 @@ def main() -> None:
     cmd = [str(Path(sys.executable).with_name("monailabel")), "start_server", "--app", str(app), "--studies"]
     cmd += [str(studies), "--conf", "models", "proxy_prompt", "--conf", "bundle", str(ROOT / "bundle")]
     cmd += ["--conf", "finetune_seconds", args.finetune_seconds, "--conf", "z_stride", args.z_stride]
+    cmd += ["--conf", "auto_route", args.auto_route]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
     log = open(work / "server.log", "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -154,9 +157,11 @@ def main() -> None:
     print(f"backbone with box, {args.slices} slices: {box:.1f} s")
     for name, seconds, params, scores in runs:
         dices = ", ".join(f"{n} {d:.3f}" for n, d in scores.items())
-        print(f"{name}: {seconds:.1f} s = {seconds / box:.2f}x backbone-with-box; support cached "
-              f"{params['support_cached']}, study encoding {params.get('study_encoding', '-')}; prepare "
-              f"{params['prepare_seconds']} s, segment {params['segment_seconds']} s; Dice {dices}")  # fmt: skip
+        print(f"{name}: {seconds:.1f} s = {seconds / box:.2f}x backbone-with-box; {params.get('route', '-')}; "
+              f"support cached {params.get('support_cached', '-')}, study encoding "
+              f"{params.get('study_encoding', '-')}; prepare {params.get('prepare_seconds', '-')} s, registration "
+              f"{params.get('registration_seconds', '-')} s ({params.get('registrations_cached', '-')} kept), "
+              f"segment {params['segment_seconds']} s; Dice {dices}")  # fmt: skip
         print(f"  weights: {params['weights']}; support {params.get('support_ids', params.get('drawn_slices'))}")
     shutil.rmtree(work, ignore_errors=True)
 
