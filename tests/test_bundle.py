@@ -113,7 +113,8 @@ def test_default_run_key_trains_too(demo, tmp_path):
 
 def test_evaluate_writes_metrics_and_overlays(demo, tmp_path):
     """evaluate.json as shipped (LiteMedSAM, the bundle's default weights, K = 4) on generated fundus-like test images:
-    measured disc rim 0.721, cup 0.826 (vessels 0.080, one down-scaled pass); an untrained PPG gives 0.115, 0.024."""
+    measured with the 0.4 weights disc rim 0.769, cup 0.783 (vessels 0.247, one down-scaled pass; the 0.3 weights
+    0.721, 0.826, 0.080); an untrained PPG gives 0.115, 0.024."""
     bundle_run(
         "--config_file", f"['{CONFIGS / 'train.json'}','{CONFIGS / 'evaluate.json'}']", "--dataset_dir",
         str(demo["fundus"]), "--output_dir", str(tmp_path),
