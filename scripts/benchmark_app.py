@@ -115,13 +115,14 @@ def main() -> None:
         runs = []
         first, params = infer(target, {}, "1. cold: new support set, study not encoded")
         infer(target, {}, "2. same study again")
+        features = app / "model" / "cache" / "features"
+        encoded = len(list(features.glob("*.pt")))  # the studies encoded so far (atlases too, on that route)
         with open(upload, "rb") as f:
             requests.put(
                 f"{url}/datastore/image", params={"image": new}, files={"file": (upload.name, f)}
             ).raise_for_status()
-        features = app / "model" / "cache" / "features"
         waited = time.perf_counter()
-        while len(list(features.glob("*.pt"))) < 2 and time.perf_counter() - waited < 1800:
+        while len(list(features.glob("*.pt"))) <= encoded and time.perf_counter() - waited < 1800:
             time.sleep(1)
         print(f"{new} uploaded and encoded in the background in {time.perf_counter() - waited:.0f} s")
         support = ",".join(params["support_ids"])
