@@ -505,6 +505,25 @@ def test_correcting_an_automatic_result_propagates_the_correction(server):
     assert np.array_equal(got[..., changed], truth["liver"][..., changed])
 
 
+def test_a_correction_reaches_until_it_meets_the_earlier_result(app_code):
+    """Correcting slice 4 of an earlier result: the propagated masks replace the earlier ones outward from it while
+    they disagree with them (slices 3 and 5), stop where they agree (slice 2) or at another drawn slice (slice 7),
+    and the earlier result stays everywhere else."""
+    from lib.drawn import keep_accepted
+
+    last = np.zeros((10, 6, 6), bool)
+    last[1:9, 1:3, 1:3] = True  # the automatic result: a small square on slices 1-8
+    propagated = np.zeros_like(last)
+    propagated[2:8, 1:5, 1:5] = True  # propagation from the correction: a larger square on slices 2-7
+    propagated[2, 1:5, 1:5], propagated[2, 1:3, 1:3] = False, True  # on slice 2 it agrees with the earlier result
+    out = keep_accepted(propagated, last, edited=[4], drawn={4, 7})
+    for z in (3, 4, 5, 6, 7):
+        assert np.array_equal(out[z], propagated[z]), z
+    for z in (0, 1, 2, 8, 9):
+        assert np.array_equal(out[z], last[z]), z
+    assert np.array_equal(keep_accepted(propagated, last, edited=[], drawn=set()), last)
+
+
 def test_clearing_a_segment_and_drawing_it_again_gives_a_result(server):
     """The user clears the spleen of an automatic result and draws two slices again, as the result had them: those
     slices are unchanged and every other slice erased, which is a fresh start, not "drawn on none"."""

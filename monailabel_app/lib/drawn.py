@@ -95,3 +95,24 @@ class LastResults:
         if shape_bits is None or tuple(shape_bits[0]) != tuple(shape):
             return None
         return np.unpackbits(shape_bits[1], count=int(np.prod(shape))).reshape(shape).astype(bool)
+
+
+def keep_accepted(propagated: np.ndarray, last: np.ndarray, edited: list[int], drawn: set[int], agree: float = 0.9):
+    """A correction of an earlier result, as (Z, H, W) masks along the slice axis: the earlier result ``last`` where
+    the user left it, the ``propagated`` masks on the slices drawn and outward from each slice ``edited`` in this
+    Update, until they meet the earlier result (Dice >= ``agree`` on a slice) or another drawn slice."""
+    out = last.copy()
+    for z0 in edited:
+        for step in (-1, 1):
+            z = z0 + step
+            while 0 <= z < len(out) and z not in drawn and _dice(propagated[z], last[z]) < agree:
+                out[z] = propagated[z]
+                z += step
+    for z in drawn:
+        out[z] = propagated[z]
+    return out
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2 * int((a & b).sum()) / total

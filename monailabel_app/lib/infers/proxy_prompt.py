@@ -15,6 +15,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.configs.proxy_prompt import ProxyPromptConfig, bad_request
 from lib.datastore import PANEL_LAYERS, segment_values
+from lib.drawn import keep_accepted
 from ppgseg.io import read_image, write_label
 from ppgseg.serving import Study
 
@@ -134,8 +135,9 @@ class SliceSupportInfer(_ProxyPromptInfer):
     The ``label`` upload is Slicer's export of every segment, value = segment position + 1, named by ``label_info``
     (``[{"name", "id"}]``); the answer is ``selected_label_name`` as value 1, what the panel loads. The panel's
     ``foreground_scribbles`` layer adds to the selected object and ``background_scribbles`` marks not-object. The
-    slices drawn in this Update are those that differ from what the app last returned for this image and object (so
-    correcting two slices of an automatic result propagates the correction), plus the slices with scribbles; with no
+    slices drawn in this Update are those that differ from what the app last returned for this image and object, plus
+    the slices with scribbles: correcting two slices of an automatic result propagates the correction outward until it
+    meets that result, which stays where the user left it (`keep_accepted`); with no
     earlier result, every slice that shows the object. Every slice drawn in an earlier Update of the same study and
     object stays a support (kept in the datastore, so also across a restart) until it is drawn again. A slice where the
     user erased the object says "not here": a support with an empty mask, and propagation does not pass it. Clearing
@@ -170,7 +172,7 @@ class SliceSupportInfer(_ProxyPromptInfer):
         out = np.zeros(shape, np.uint8)
         info: dict = {}
         for name, mask in wanted.items():
-            kept, edited = self.drawn_slices(request, key, name, mask, marked, axis)
+            kept, edited, accepted = self.drawn_slices(request, key, name, mask, marked, axis)
             if not edited:
                 raise bad_request(
                     422,
@@ -187,6 +189,9 @@ class SliceSupportInfer(_ProxyPromptInfer):
             got = label.numpy() == value
             for z, m in kept.items():  # the user's slices as drawn
                 np.moveaxis(got, axis, 0)[z] = m
+            if accepted is not None:  # a correction: the earlier result stays where the correction does not reach
+                slices = keep_accepted(np.moveaxis(got, axis, 0), np.moveaxis(accepted, axis, 0), edited, set(kept))
+                got = np.moveaxis(slices, 0, axis)
             out[got & (out == 0)] = value
             info |= more
             info.setdefault("drawn_slices", []).extend(edited)
@@ -200,14 +205,16 @@ class SliceSupportInfer(_ProxyPromptInfer):
 
     def drawn_slices(
         self, request: dict, key: str, name: str, mask: np.ndarray, marked: list[int], axis: int
-    ) -> tuple[dict[int, np.ndarray], list[int]]:
+    ) -> tuple[dict[int, np.ndarray], list[int], np.ndarray | None]:
         """Every slice drawn so far for ``name`` ({slice: (H, W) mask}, this Update's drawing replacing earlier ones
-        on the same slice) and the slices drawn in this Update."""
+        on the same slice), the slices drawn in this Update, and the earlier result this Update corrects (None: a
+        first drawing, another client's upload, or a cleared segment drawn afresh)."""
         by_slice = np.moveaxis(mask, axis, 0)
         kept = self.app.drawn.get(key, name, mask.shape, axis)
         # a Slicer upload holds the whole segmentation, so slices are compared with the last result; other clients
         # upload only what they drew
         last = self.app.results.get(key, name, mask.shape) if "label_info" in request else None
+        accepted = last
         if last is None:
             edited = by_slice.reshape(len(by_slice), -1).any(1)
         else:
@@ -217,12 +224,12 @@ class SliceSupportInfer(_ProxyPromptInfer):
             result_only = [z for z in np.flatnonzero(shown) if z not in kept]  # what propagation added
             erased = [z for z in result_only if not by_slice[z].any()]
             if result_only and len(erased) > len(result_only) / 2:  # the segment was cleared: start afresh
-                kept = {}
+                kept, accepted = {}, None
                 edited = by_slice.reshape(len(by_slice), -1).any(1)
         edited[marked] = True
         drawn = np.flatnonzero(edited).tolist()
         kept.update({z: by_slice[z].copy() for z in drawn})
-        return kept, drawn
+        return kept, drawn, accepted
 
     def drawn_objects(
         self, request: dict, values: np.ndarray, axis: int
