@@ -283,8 +283,9 @@ def test_training_repeats_under_its_seed_and_records_it(demo, tmp_path):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
-def test_broad_training_config_gathers_demo_random_and_real_folders(tmp_path):
-    """configs/broad_weights.json: the demo families, every generated task folder found, then the real sets."""
+def test_broad_training_config_gathers_demo_random_real_and_volume_folders(tmp_path):
+    """configs/broad_weights.json: the demo families, every generated task folder found, the real 2D sets, then the
+    volume sets, each family with its share of the episodes split evenly over its folders."""
     from monai.bundle import ConfigParser
 
     for name in ("task_001", "task_000", "notes"):
@@ -293,11 +294,16 @@ def test_broad_training_config_gathers_demo_random_and_real_folders(tmp_path):
     parser.read_config([str(CONFIGS / "train.json"), str(ROOT / "configs" / "broad_weights.json")])
     parser["random_dir"] = str(tmp_path / "random")
     parser["real_dirs"] = ["real/a", "real/b"]
+    parser["volume_dirs"] = ["real/v"]
     dirs = parser.get_parsed_content("dataset_dirs")
     random = [str(tmp_path / "random" / t) for t in ("task_000", "task_001")]
-    assert dirs == ["data/demo/fundus", "data/demo/ultrasound", "data/demo/ct", *random, "real/a", "real/b"]
+    assert dirs == ["data/demo/fundus", "data/demo/ultrasound", "data/demo/ct", *random, "real/a", "real/b", "real/v"]
+    weights = parser.get_parsed_content("bank_weights")
+    np.testing.assert_allclose(weights, [0.35 / 3] * 3 + [0.15 / 2] * 2 + [0.3 / 2] * 2 + [0.2])
     parser["random_dir"] = str(tmp_path / "absent")
+    parser["volume_dirs"] = []
     assert parser.get_parsed_content("dataset_dirs", lazy=False)[3:] == ["real/a", "real/b"]
+    assert len(parser.get_parsed_content("bank_weights", lazy=False)) == 5  # the shares of absent families drop out
 
 
 def _train_in_process(demo, out, stop_after: int | None = None, **overrides):
