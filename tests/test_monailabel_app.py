@@ -507,8 +507,8 @@ def test_correcting_an_automatic_result_propagates_the_correction(server):
 
 def test_a_correction_reaches_until_it_meets_the_earlier_result(app_code):
     """Correcting slice 4 of an earlier result: the propagated masks replace the earlier ones outward from it while
-    they disagree with them (slices 3 and 5), stop where they agree (slice 2) or at another drawn slice (slice 7),
-    and the earlier result stays everywhere else."""
+    they disagree with them (slices 3 and 5), stop where they agree (slice 2), at another drawn slice (slice 7) or
+    ``reach`` slices away, and the earlier result stays everywhere else."""
     from lib.drawn import keep_accepted
 
     last = np.zeros((10, 6, 6), bool)
@@ -516,11 +516,13 @@ def test_a_correction_reaches_until_it_meets_the_earlier_result(app_code):
     propagated = np.zeros_like(last)
     propagated[2:8, 1:5, 1:5] = True  # propagation from the correction: a larger square on slices 2-7
     propagated[2, 1:5, 1:5], propagated[2, 1:3, 1:3] = False, True  # on slice 2 it agrees with the earlier result
-    out = keep_accepted(propagated, last, edited=[4], drawn={4, 7})
+    out = keep_accepted(propagated, last, edited=[4], drawn={4, 7}, reach=3)
     for z in (3, 4, 5, 6, 7):
         assert np.array_equal(out[z], propagated[z]), z
     for z in (0, 1, 2, 8, 9):
         assert np.array_equal(out[z], last[z]), z
+    near = keep_accepted(propagated, last, edited=[4], drawn={4}, reach=1)  # at most one slice on each side
+    assert [z for z in range(10) if not np.array_equal(near[z], last[z])] == [3, 4, 5]
     assert np.array_equal(keep_accepted(propagated, last, edited=[], drawn=set()), last)
 
 

@@ -97,15 +97,32 @@ class LastResults:
         return np.unpackbits(shape_bits[1], count=int(np.prod(shape))).reshape(shape).astype(bool)
 
 
-def keep_accepted(propagated: np.ndarray, last: np.ndarray, edited: list[int], drawn: set[int], agree: float = 0.9):
+# How far a correction of an earlier result replaces it on each side: beyond a couple of slices a carried mask is
+# further from the anatomy than the earlier result (correcting 2 of 30 slices with no limit lowered the liver's Dice
+# of a generated CT-like study 0.797 -> 0.756)
+CORRECTION_REACH = 2
+
+
+def keep_accepted(
+    propagated: np.ndarray,
+    last: np.ndarray,
+    edited: list[int],
+    drawn: set[int],
+    *,
+    agree: float = 0.9,
+    reach: int = CORRECTION_REACH,
+) -> np.ndarray:
     """A correction of an earlier result, as (Z, H, W) masks along the slice axis: the earlier result ``last`` where
     the user left it, the ``propagated`` masks on the slices drawn and outward from each slice ``edited`` in this
-    Update, until they meet the earlier result (Dice >= ``agree`` on a slice) or another drawn slice."""
+    Update, at most ``reach`` slices and until they meet the earlier result (Dice >= ``agree`` on a slice) or another
+    drawn slice."""
     out = last.copy()
     for z0 in edited:
         for step in (-1, 1):
             z = z0 + step
-            while 0 <= z < len(out) and z not in drawn and _dice(propagated[z], last[z]) < agree:
+            while abs(z - z0) <= reach and 0 <= z < len(out) and z not in drawn:
+                if _dice(propagated[z], last[z]) >= agree:
+                    break
                 out[z] = propagated[z]
                 z += step
     for z in drawn:
