@@ -367,6 +367,8 @@ def test_the_slice_axis_follows_the_thickest_spacing(tmp_path, app_code):
     assert out["params"]["slice_axis"] == 0 and out["params"]["route"].startswith("registration")
     out = app.infer({"model": "proxy_prompt", "image": "ct_001"})
     assert out["params"]["slice_axis"] == 2
+    with pytest.raises(ValueError, match="not a number"):  # "auto" is a value of axis only
+        ProxyPromptApp(str(copy_app(tmp_path / "bad")), str(studies), {**CONF, "num_support": "auto"})
 
 
 def test_2d_images_are_segmented_in_their_own_format_and_size(tmp_path, app_code):

@@ -90,9 +90,8 @@ class ProxyPromptConfig:
         self.labels = parse_labels(c["labels"], self.studies)
         self.auto_axis = str(c["axis"]) == "auto"
         try:
-            self.num_support, self.support_slices, self.axis = (
-                int(c[k]) if c[k] != "auto" else 2 for k in ("num_support", "support_slices", "axis")
-            )
+            self.num_support, self.support_slices = int(c["num_support"]), int(c["support_slices"])
+            self.axis = 2 if self.auto_axis else int(c["axis"])
             finetune_seconds, finetune_lr = float(c["finetune_seconds"]), float(c["finetune_lr"])
             self.seed = int(c["seed"])
             self.encode_cache_bytes = int(float(c["encode_cache_gb"]) * 2**30)
