@@ -56,6 +56,11 @@ def read_image(path: str | Path, loader: LoadImage | None = None) -> MetaTensor:
         raise ValueError(f"{path} is not a readable image or DICOM series ({err})") from err
 
 
+def read_label(path: str | Path, loader: LoadImage | None = None) -> Tensor:
+    """A label map file as (*spatial) uint8 ids (`read_image`, channel dropped, values rounded)."""
+    return read_image(path, loader).as_tensor()[0].round().to(torch.uint8)
+
+
 def write_label(label: Tensor, image: MetaTensor, output_dir: str | Path, name: str, ext: str = ".nii.gz") -> Path:
     """Write a label map with the geometry (affine, spacing) of the image it was segmented from, as
     ``output_dir/name + ext`` (MONAI's SaveImage)."""

@@ -14,7 +14,7 @@ from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import LoadImage
 
 from ..data.contract import read_split
-from ..io import label_suffix, list_inputs, read_image, stem, write_label
+from ..io import label_suffix, list_inputs, read_image, read_label, stem, write_label
 from ..modeling.generator import SupportEmbedding
 from ..modeling.proxy_sam import ProxyPromptSAM
 from .atlas import AtlasRegistration
@@ -110,7 +110,7 @@ class FolderSegmenter:
                     logger.info(f"{folder} holds 2D images, not labelled volumes: volumes use the support set")
                     atlases = []
                     break
-                label = read_image(item["label"], self.loader).as_tensor()[0].round().to(torch.uint8)
+                label = read_label(item["label"], self.loader)
                 atlases.append(Atlas(image, label, encoded_slices(self.model, image, self.axis)))
             self._atlases = atlases
         return self._atlases

@@ -31,7 +31,7 @@ from ..inference.volume import (
     segment_atlases,
     to_volume,
 )
-from ..io import read_image
+from ..io import read_image, read_label
 from ..modeling.generator import SupportEmbedding
 from ..modeling.proxy_sam import ProxyPromptSAM
 from .encodings import EncodingCache, StudyEncoder
@@ -186,12 +186,10 @@ class ProxyPromptService:
         info: dict = {"study_encoding": how}
         atlases = []
         for s in studies:
-            atlas, label = read_image(s.image), read_image(s.label).as_tensor()[0].round().to(torch.uint8)
-            atlases.append(Atlas(atlas, label, self.encoded(atlas, s, axis)[0]))
+            atlas = read_image(s.image)
+            atlases.append(Atlas(atlas, read_label(s.label), self.encoded(atlas, s, axis)[0]))
         start = time.monotonic()
-        done = [self.registered(image, study, s, a, label_ids) for s, a in zip(studies, atlases, strict=True)]
-        registered = [r for r, _ in done]
-        info["registrations_cached"] = sum(cached for _, cached in done)
+        registered, info["registrations_cached"] = self.registered(image, study, studies, atlases, label_ids)
         info["registration_seconds"] = round(time.monotonic() - start, 2)
         start = time.monotonic()
         with self.lock:
@@ -201,21 +199,34 @@ class ProxyPromptService:
         return to_volume(label, axis), info
 
     def registered(
-        self, image: Tensor, target: Study | None, study: Study, atlas: Atlas, label_ids: Sequence[int]
-    ) -> tuple[Registered, bool]:
-        """``atlas`` (labelled ``study``) registered onto ``image``, and whether it was kept from an earlier request:
-        registrations are kept for the last `REGISTERED_KEPT` pairs of a datastore ``target`` and labelled study,
-        until either file changes."""
-        key = None if target is None else digest("registered/1", target.stamp(), study.stamp(), list(label_ids))
+        self,
+        image: Tensor,
+        target: Study | None,
+        studies: Sequence[Study],
+        atlases: Sequence[Atlas],
+        label_ids: Sequence[int],
+    ) -> tuple[list[Registered], int]:
+        """``atlases`` (of the labelled ``studies``) registered onto ``image``, and how many were kept from an earlier
+        request: registrations are kept for the last `REGISTERED_KEPT` pairs of a datastore ``target`` and labelled
+        study, until either file changes; the others are registered now, in one pass."""
+        keys = [
+            None if target is None else digest("registered/1", target.stamp(), s.stamp(), list(label_ids))
+            for s in studies
+        ]
+        found: dict[int, Registered] = {}
         with self._registered_lock:
-            if key in self._registered:
-                self._registered.move_to_end(key)
-                return self._registered[key], True
-        done = register_atlases(self.registration, image, [atlas], label_ids)[0]
-        if key is not None:
-            with self._registered_lock:
-                keep(self._registered, key, done, REGISTERED_KEPT)
-        return done, False
+            for k, key in enumerate(keys):
+                if key in self._registered:
+                    self._registered.move_to_end(key)
+                    found[k] = self._registered[key]
+        missing = [k for k in range(len(atlases)) if k not in found]
+        done = register_atlases(self.registration, image, [atlases[k] for k in missing], label_ids)
+        with self._registered_lock:
+            for k, r in zip(missing, done, strict=True):
+                found[k] = r
+                if keys[k] is not None:
+                    keep(self._registered, keys[k], r, REGISTERED_KEPT)
+        return [found[k] for k in range(len(atlases))], len(atlases) - len(missing)
 
     def propagate(
         self,
