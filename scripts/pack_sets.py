@@ -75,7 +75,9 @@ def pack(folder: Path, out: Path, *, side: int, n_train: int, n_val: int, n_test
                     nib.save(nib.Nifti1Image(arr, np.eye(4)), dst / entry[key])
                 lists[split].append(entry)
         desc = f"{meta.get('description', '')}; one slice per study (the most labelled along axis {axis})"
-        (dst / "dataset.json").write_text(json.dumps({**meta, "description": desc, "labels": labels, **lists}, indent=1))
+        (dst / "dataset.json").write_text(
+            json.dumps({**meta, "description": desc, "labels": labels, **lists}, indent=1)
+        )
         written.append(dst)
         return written
     dst = out / folder.name

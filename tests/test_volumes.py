@@ -219,8 +219,11 @@ def write_studies(folder, studies, split="training"):
             (folder / kind).mkdir(parents=True, exist_ok=True)
             nib.save(nib.Nifti1Image(arr, np.eye(4)), folder / kind / f"{name}.nii.gz")
         entries.append({"image": f"images/{name}.nii.gz", "label": f"labels/{name}.nii.gz"})
-    labels = {"0": "background", "1": "lower", "2": "upper"} if any(lab.max() > 1 for _, lab in studies.values()) \
+    labels = (
+        {"0": "background", "1": "lower", "2": "upper"}
+        if any(lab.max() > 1 for _, lab in studies.values())
         else {"0": "background", "1": "object"}
+    )
     (folder / "dataset.json").write_text(json.dumps({"labels": labels, split: entries, "test": []}))
 
 
