@@ -15,6 +15,7 @@ from pathlib import Path
 from ppgseg.build import build_model
 from ppgseg.evaluation.volume_report import write_volume_report
 from ppgseg.evaluation.volumes import VolumeProtocol
+from ppgseg.training.registered import RegistrationFineTune
 
 BUNDLE_WEIGHTS = Path(__file__).resolve().parents[1] / "bundle" / "models" / "model.pt"
 
@@ -33,6 +34,12 @@ def main() -> None:
     p.add_argument("--unet-seconds", type=float, default=120.0, help="3D UNet training budget per K (0: no UNet)")
     p.add_argument("--cache", type=Path, default=Path(".cache/volumes"), help="slice features kept per study")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--tune-episodes",
+        type=int,
+        default=400,
+        help="episodes of the registration route's on-the-fly fine-tune on the K studies (0: no such row)",
+    )
     p.add_argument("--report-only", action="store_true", help="rewrite the report from --out's results.json")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -41,11 +48,18 @@ def main() -> None:
     protocol = VolumeProtocol(
         model, a.folder, out, axis=a.axis, ks=a.ks, drawn=a.drawn, limit=a.limit, unet_seconds=a.unet_seconds,
         cache_dir=a.cache / a.backbone, seed=a.seed,
+        tune=RegistrationFineTune(episodes=a.tune_episodes) if a.tune_episodes > 0 else None,
     )  # fmt: skip
     results = protocol.load() if a.report_only else protocol.run()
     weights = a.ppg_checkpoint.name if a.ppg_checkpoint == BUNDLE_WEIGHTS else str(a.ppg_checkpoint)
-    note = (f"Backbone {a.backbone}, PPG weights {weights} (no training on this set: the labelled studies are only "
-            f"supports). 3D UNet budget {a.unet_seconds:g} s per K on this machine's CPU.")  # fmt: skip
+    trained = (
+        "the only training on this set is the registration route's on-the-fly fine-tune on the K labelled "
+        f"studies, {a.tune_episodes} episodes"
+        if a.tune_episodes
+        else "no training on this set"
+    )
+    note = (f"Backbone {a.backbone}, PPG weights {weights} ({trained}; otherwise the labelled studies are only "
+            f"supports and atlases). 3D UNet budget {a.unet_seconds:g} s per K on this machine's CPU.")  # fmt: skip
     print(f"wrote {write_volume_report(results, out, note=note)}")
 
 

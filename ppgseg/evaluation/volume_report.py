@@ -16,6 +16,7 @@ NAMES = {
     "ppg_fixed_supports": "PPG, fixed supports (the app's path before)",
     "ppg_position_supports": "PPG, supports at the slice's position",
     "ppg_registration_prompt": "PPG, registration prompt",
+    "ppg_registration_prompt_tuned": "PPG, registration prompt, fine-tuned on the fly on the K studies",
     "unet3d": "MONAI 3D UNet trained on the K studies",
     "litemedsam_gt_box": "LiteMedSAM, ground-truth box on every slice (oracle)",
     "nearest_slice_copy": "nearest drawn slice copied",
@@ -23,7 +24,12 @@ NAMES = {
     "ppg_drawn_fixed_supports": "PPG, the drawn slices as fixed supports",
     "ppg_propagation": "PPG propagation from the drawn slices",
 }
-PPG_STUDIES = ("ppg_fixed_supports", "ppg_position_supports", "ppg_registration_prompt")
+PPG_STUDIES = (
+    "ppg_fixed_supports",
+    "ppg_position_supports",
+    "ppg_registration_prompt",
+    "ppg_registration_prompt_tuned",
+)
 
 
 def per_study(results: dict, mode: str) -> dict[str, dict[str, np.ndarray]]:
@@ -192,5 +198,12 @@ def write_volume_report(results: dict, out_dir: str | Path, *, note: str = "") -
         lines += ["![overlays](overlays.png)", ""]
     if results.get("unet_steps"):
         lines += [f"3D UNet training steps per K: {results['unet_steps']}.", ""]
+    for k, t in results.get("registration_finetune", {}).items():
+        lines += [
+            f"Registration fine-tune, K = {k}: {t['episodes']} episodes over {t['slices']} slices, "
+            f"{t['seconds']:.0f} s (registrations included), check loss {t['check_loss_before']:.3f} -> "
+            f"{t['check_loss_after']:.3f}{'' if t['kept'] else ' (not kept: the base weights ran)'}.",
+            "",
+        ]
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"

@@ -26,6 +26,7 @@ from ..data.contract import read_labels, read_split
 from ..inference.atlas import AtlasRegistration, Registered, fuse, to_sitk
 from ..inference.slices import as_slices
 from ..inference.volume import (
+    Atlas,
     EncodedVolume,
     LabelledSlices,
     byte_volume,
@@ -37,6 +38,8 @@ from ..inference.volume import (
 )
 from ..io import read_image
 from ..modeling.proxy_sam import ProxyPromptSAM
+from ..training.finetune import snapshot
+from ..training.registered import RegisteredEpisodes, RegistrationFineTune, cross_register
 from .baselines.volume import UNetPeer, box_slices, interpolate_slices, nearest_copy
 
 logger = logging.getLogger(__name__)
@@ -107,13 +110,15 @@ class VolumeProtocol:
         unet_seconds: the 3D UNet's training budget per K (0: no UNet row).
         cache_dir: where slice features are kept per study (None: not kept).
         seed: the seeded order of the labelled studies.
+        registration: the multi-atlas registration (default `AtlasRegistration()`).
+        tune: the registration route's on-the-fly fine-tune on the K studies, for each K >= 2 (None: no such row).
     """
 
     def __init__(
         self, model: ProxyPromptSAM, folder: str | Path, out_dir: str | Path, *, axis: int = 2,
         ks: Sequence[int] = (1, 2, 5, 10), drawn: Sequence[int] = (1, 2, 3), limit: int | None = None,
         unet_seconds: float = 120.0, cache_dir: str | Path | None = None, seed: int = 0,
-        registration: AtlasRegistration | None = None,
+        registration: AtlasRegistration | None = None, tune: RegistrationFineTune | None = None,
     ) -> None:  # fmt: skip
         if model.encoder_trains:
             raise ValueError("the volume protocol caches slice features: the model's encoder must be frozen")
@@ -128,6 +133,7 @@ class VolumeProtocol:
         self.atlas_items = [read_split(folder, "training")[int(i)] for i in order[: self.ks[-1]]]
         self.test_items = read_split(folder, "test")[:limit]
         self.registration = registration or AtlasRegistration()
+        self.tune = tune
         self.shown: dict | None = None  # the first test study's predictions at K = 5 and the most drawn slices
 
     # --- encoding ----------------------------------------------------------------------------------------------
@@ -164,6 +170,7 @@ class VolumeProtocol:
         banks = [LabelledSlices.of(self.model, self.encoded(a), a.label, self.label_ids, self.axis, study=s)
                  for s, a in enumerate(atlases)]  # fmt: skip
         unets = self.train_unets(atlases, results) if self.unet_seconds > 0 else {}
+        tuned = self.tune_registration(atlases, results) if self.tune is not None else {}
         for t, item in enumerate(self.test_items):
             study = VolumeStudy.read(item)
             if study.id in studies:
@@ -172,7 +179,7 @@ class VolumeProtocol:
             k = 5 if 5 in self.ks else self.ks[-1]
             self.shown = None if t else {"study": study.id, "image": study.image, "truth": study.label, "k": k,
                                          "n": self.drawn[-1], "studies": {}, "drawn": {}}  # fmt: skip
-            studies[study.id] = {"studies": self.from_studies(study, atlases, banks, unets),
+            studies[study.id] = {"studies": self.from_studies(study, atlases, banks, unets, tuned),
                                  "drawn": self.from_drawn(study)}  # fmt: skip
             logger.info(f"{study.id}: {time.perf_counter() - start:.0f} s")
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -189,6 +196,27 @@ class VolumeProtocol:
             steps[str(k)] = unets[k].steps
         return unets
 
+    def tune_registration(self, atlases: list[VolumeStudy], results: dict) -> dict[int, dict]:
+        """For each K >= 2, the model's weights fine-tuned on the first K studies registered onto each other
+        (`RegistrationFineTune`); the model is left with its own weights."""
+        base, states = snapshot(self.model), {}
+        log = results.setdefault("registration_finetune", {})
+        for k in [k for k in self.ks if k >= 2]:
+            chosen = atlases[:k]
+            start = time.perf_counter()
+            as_atlas = [Atlas(a.image[None], a.label, self.encoded(a)) for a in chosen]
+            spacings = [a.spacing for a in chosen]
+            registered = cross_register(self.registration, as_atlas, self.label_ids, spacings)
+            data = RegisteredEpisodes(self.model, as_atlas, registered, self.label_ids, self.axis, spacings)
+            done = self.tune(self.model, data)
+            states[k] = snapshot(self.model)
+            log[str(k)] = {"episodes": done.episodes, "slices": len(data), "check_loss_before": done.before,
+                           "check_loss_after": done.after, "kept": done.kept,
+                           "seconds": time.perf_counter() - start}  # fmt: skip
+            logger.info(f"registration fine-tune, K = {k}: {log[str(k)]}")
+            self.model.load_state_dict(base, strict=False)
+        return states
+
     def largest(self, fn, *args, **kwargs) -> Tensor:
         """``fn``'s label map with each label kept to its largest 3D component."""
         return one_component(fn(*args, **kwargs), self.label_ids)
@@ -200,7 +228,16 @@ class VolumeProtocol:
             self.shown[mode][method] = pred.movedim(0, self.axis) if keep is not None else pred
         out.setdefault(method, {})[str(key)] = {**{self.labels[i]: v for i, v in d.items()}, "seconds": seconds}
 
-    def from_studies(self, study: VolumeStudy, atlases, banks, unets) -> dict:
+    def with_weights(self, state: dict, fn, *args, **kwargs):
+        """``fn`` run with ``state`` loaded into the model, its own weights back after."""
+        base = snapshot(self.model)
+        self.model.load_state_dict(state, strict=False)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.model.load_state_dict(base, strict=False)
+
+    def from_studies(self, study: VolumeStudy, atlases, banks, unets, tuned) -> dict:
         """Every method with K labelled studies, for each K."""
         out: dict = {}
         enc, truth = self.encoded(study), study.label
@@ -228,6 +265,9 @@ class VolumeProtocol:
                     self.largest, segment_registered, m, enc, bank, regs, ids, self.axis, **where
                 ),
             }
+            if k in tuned:
+                routes["ppg_registration_prompt_tuned"] = partial(self.with_weights, tuned[k], routes[
+                    "ppg_registration_prompt"])  # fmt: skip
             for name, route in routes.items():
                 pred, sec = _timed(route)
                 self.score(out, name, k, pred.movedim(0, self.axis), truth, sec)
