@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -14,6 +15,21 @@ FORMAT = "ppgseg-ppg/1"
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if is_trainable(k)}
+
+
+@contextlib.contextmanager
+def weights_loaded(model: nn.Module, state: dict[str, torch.Tensor] | None):
+    """``state`` (trainable weights) loaded into ``model`` for the ``with`` block, its own weights back after; None
+    changes nothing."""
+    if state is None:
+        yield model
+        return
+    own = {k: v.clone() for k, v in trainable_state(model).items()}
+    model.load_state_dict(state, strict=False)
+    try:
+        yield model
+    finally:
+        model.load_state_dict(own, strict=False)
 
 
 def save_ppg(model: nn.Module, path: str | Path, *, half: bool = False, seed: int | None = None) -> Path:

@@ -406,13 +406,21 @@ def test_auto_segmentation_with_the_shipped_weights_reaches_its_dice_floor(tmp_p
     """In-process, the app as shipped (LiteMedSAM, the bundle's default weights, the registration route): three
     labelled CT-like studies segment a fourth. Measured with the 0.4 weights: liver 0.922, spleen 0.723, kidney 0.502
     (mean 0.716; the 0.3 weights 0.932, 0.759, 0.382); the fixed-support route (fine-tune off, 0.3 weights) 0.805,
-    0.703, 0.534, with an untrained PPG 0.364, 0.000, 0.000."""
+    0.703, 0.534, with an untrained PPG 0.364, 0.000, 0.000. The route's own fine-tune is off here (slow: below)."""
+    dice, weights = shipped_auto_segmentation(tmp_path, {"atlas_finetune_episodes": "0"})
+    assert weights.startswith("bundle default (")
+    assert dice["liver"] >= 0.7 and np.mean(list(dice.values())) >= 0.55, dice
+
+
+def shipped_auto_segmentation(tmp_path, conf: dict) -> tuple[dict, str]:
+    """Auto Segmentation of a generated CT-like study from three labelled ones, by the app as shipped with ``conf``:
+    Dice per label and the weights the answer names."""
     from main import ProxyPromptApp
 
     studies = write_studies(tmp_path / "studies", n_studies=4, n_labelled=3, shape=(48, 48, 10), seed=1)
     truth = write_studies(tmp_path / "truth", n_studies=4, n_labelled=4, shape=(48, 48, 10), seed=1)
     app = ProxyPromptApp(
-        str(copy_app(tmp_path)), str(studies), {"finetune_seconds": "0", "bundle": str(ROOT / "bundle")}
+        str(copy_app(tmp_path)), str(studies), {"finetune_seconds": "0", "bundle": str(ROOT / "bundle"), **conf}
     )
     out = app.infer({"model": "proxy_prompt", "image": "ct_003"})
     assert sorted(out["params"]["support_ids"]) == ["ct_000", "ct_001", "ct_002"]
@@ -422,6 +430,15 @@ def test_auto_segmentation_with_the_shipped_weights_reaches_its_dice_floor(tmp_p
     dice = {
         n: 2 * ((label == v) & (want == v)).sum() / ((label == v).sum() + (want == v).sum()) for n, v in LABELS.items()
     }
+    return dice, out["params"]["weights"]
+
+
+@pytest.mark.slow  # ~10 min: 400 episodes of LiteMedSAM (`.ci/run` runs it after the default run)
+def test_auto_segmentation_with_the_registration_fine_tune_as_shipped(tmp_path, app_code):
+    """In-process, the app as shipped, its registration fine-tune on (the default): trained on the three labelled
+    studies registered onto each other, then the same request as above. Measured: MEASURED."""
+    dice, weights = shipped_auto_segmentation(tmp_path, {})
+    assert "registration fine-tune on 3 labelled studies (400 episodes" in weights, weights
     assert dice["liver"] >= 0.7 and np.mean(list(dice.values())) >= 0.55, dice
 
 
@@ -808,7 +825,7 @@ def test_registrations_are_kept_per_study_pair_until_a_file_changes(tmp_path):
     torch.manual_seed(0)
     model = build_model("sam_tiny", "tiny", lora_sites=("decoder",))
     service = ProxyPromptService(
-        model, weights="random", cache_dir=tmp_path / "cache", finetune=FineTuneSettings(seconds=0)
+        model, weights="random", cache_dir=tmp_path / "cache", finetune=FineTuneSettings(seconds=0, atlas_episodes=0)
     )
     labelled = labelled_studies(studies, 2)
     target = Study("ct_002", studies / "ct_002.nii.gz")
@@ -824,3 +841,53 @@ def test_registrations_are_kept_per_study_pair_until_a_file_changes(tmp_path):
     assert info3["registrations_cached"] == 1
     _, info4 = service.segment_registered(image, labelled, ids)  # not a datastore study: nothing kept
     assert info4["registrations_cached"] == 0
+
+
+def test_the_registration_fine_tune_is_trained_once_per_labelled_set_and_kept_across_a_restart(tmp_path):
+    """In-process: the registration route fine-tunes the base weights on the labelled studies registered onto each
+    other on first use; the next request, and a new service on the same cache (a restart), reuse those weights and
+    give the same labels; the base weights stay the base; a changed label file trains again."""
+    import os
+
+    import torch
+
+    from ppgseg import build_model
+    from ppgseg.checkpoint import trainable_state
+    from ppgseg.inference.atlas import AtlasRegistration
+    from ppgseg.io import read_image
+    from ppgseg.serving import FineTuneSettings, ProxyPromptService, Study
+
+    studies = write_studies(tmp_path / "studies", n_studies=3, n_labelled=2, shape=(40, 40, 6), seed=3)
+    settings = FineTuneSettings(seconds=0, atlas_episodes=6)
+
+    def service():
+        torch.manual_seed(0)
+        model = build_model("sam_tiny", "tiny", lora_sites=("decoder",))
+        out = ProxyPromptService(model, weights="random", cache_dir=tmp_path / "cache", finetune=settings)
+        out.registration = AtlasRegistration(affine_iterations=20, demons_iterations=5)  # quick: the weights matter
+        return out
+
+    first = service()
+    base = {k: v.clone() for k, v in trainable_state(first.model).items()}
+    labelled = labelled_studies(studies, 2)
+    target = Study("ct_002", studies / "ct_002.nii.gz")
+    image, ids = read_image(target.image), list(LABELS.values())
+    label1, info1 = first.segment_registered(image, labelled, ids, study=target)
+    assert "registration fine-tune on 2 labelled studies (6 episodes" in info1["weights"], info1["weights"]
+    assert all(torch.equal(v, first.weights.base[k]) for k, v in base.items())
+    label2, info2 = first.segment_registered(image, labelled[::-1], ids, study=target)  # the same set, reordered
+    assert info2["weights"] == info1["weights"] and info2["weights_seconds"] < info1["weights_seconds"]
+    assert torch.equal(label1, label2)
+    restarted = service()
+    label3, info3 = restarted.segment_registered(image, labelled, ids, study=target)
+    assert info3["weights"] == info1["weights"] and torch.equal(label1, label3)
+    assert len(list((tmp_path / "cache" / "finetuned").glob("*.pt"))) == 1
+    path = labelled[1].label
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the user saved a new label
+    restarted.segment_registered(image, labelled, ids, study=target)
+    assert len(list((tmp_path / "cache" / "finetuned").glob("*.pt"))) == 2
+    off = ProxyPromptService(
+        first.model, weights="random", cache_dir=tmp_path / "off", finetune=FineTuneSettings(atlas_episodes=0)
+    )
+    assert off.segment_registered(image, labelled, ids, study=target)[1]["weights"] == "random"

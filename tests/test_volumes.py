@@ -334,3 +334,26 @@ def test_registration_finetune_learns_to_refine_the_registered_vote():
     coarse = tiny_model(prompt="coarse", lora_sites=("decoder",))
     with pytest.raises(ValueError, match="no decoder"):
         RegistrationFineTune(episodes=1)(coarse, RegisteredEpisodes(coarse, atlases, registered, [1, 2], axis=2))
+
+
+def test_folder_inference_fine_tunes_the_registration_route_once_and_keeps_the_weights_it_was_given(tmp_path):
+    """The bundle's inference with ``tune``: the weights for the registration route are trained once on the labelled
+    studies of the support folder (two volumes here), used for every volume, and the model keeps the weights it was
+    given for anything else."""
+    from ppgseg.checkpoint import trainable_state
+    from ppgseg.inference import FolderSegmenter, SupportSet
+    from ppgseg.training.registered import RegistrationFineTune
+
+    model = tiny_model(lora_sites=("decoder",))
+    shape, radii = (32, 28, 10), (9, 7, 4)
+    studies = {f"s{i}": ellipsoid(shape=shape, centre=(15 + i, 14, 5), radii=radii, seed=i) for i in range(2)}
+    write_studies(tmp_path / "support", studies)
+    write_studies(tmp_path / "target", {f"t{i}": ellipsoid(shape=shape, radii=radii, centre=(16, 13 + i, 5), seed=9 + i)
+                                        for i in range(2)})  # fmt: skip
+    given = {k: v.clone() for k, v in trainable_state(model).items()}
+    seg = FolderSegmenter(model, SupportSet(tmp_path / "support", 2), atlases=2, tune=RegistrationFineTune(episodes=4),
+                          registration=AtlasRegistration(affine_iterations=20, demons_iterations=5))  # fmt: skip
+    report = seg(sorted((tmp_path / "target" / "images").glob("*.nii.gz")), tmp_path / "out")
+    assert not report["failed"] and len(report["written"]) == 2
+    assert seg._tuned is not None and any(not torch.equal(seg._tuned[k], v) for k, v in given.items())
+    assert all(torch.equal(v, given[k]) for k, v in trainable_state(model).items())

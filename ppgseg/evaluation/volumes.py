@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checkpoint import weights_loaded
 from ..data.contract import read_labels, read_split
 from ..inference.atlas import AtlasRegistration, Registered, fuse, to_sitk
 from ..inference.slices import as_slices
@@ -230,12 +231,8 @@ class VolumeProtocol:
 
     def with_weights(self, state: dict, fn, *args, **kwargs):
         """``fn`` run with ``state`` loaded into the model, its own weights back after."""
-        base = snapshot(self.model)
-        self.model.load_state_dict(state, strict=False)
-        try:
+        with weights_loaded(self.model, state):
             return fn(*args, **kwargs)
-        finally:
-            self.model.load_state_dict(base, strict=False)
 
     def from_studies(self, study: VolumeStudy, atlases, banks, unets, tuned) -> dict:
         """Every method with K labelled studies, for each K."""

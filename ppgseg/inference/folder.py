@@ -7,12 +7,14 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import LoadImage
 
+from ..checkpoint import weights_loaded
 from ..data.contract import read_split
 from ..io import label_suffix, list_inputs, read_image, read_label, stem, write_label
 from ..modeling.generator import SupportEmbedding
@@ -23,6 +25,9 @@ from .slices import segment_image
 from .support import SupportSet
 from .tiles import support_tile
 from .volume import Atlas, encoded_slices, register_atlases, segment_atlases, to_volume
+
+if TYPE_CHECKING:  # training builds on inference: imported where used
+    from ..training.registered import RegistrationFineTune
 
 logger = logging.getLogger("ppgseg")
 
@@ -41,8 +46,10 @@ class FolderSegmenter:
     With ``atlases`` > 0 and labelled volumes in the support folder, a volume is segmented by the registration route
     instead: the first ``atlases`` studies of the support folder's training split are registered onto it
     (``registration``), each slice is prompted by their slices at its position and their vote is the registration
-    prompt (`segment_atlases`); the studies are read and encoded once, on the first volume. 2D inputs, and volumes
-    where the support folder holds 2D images, keep the support set.
+    prompt (`segment_atlases`); the studies are read and encoded once, on the first volume. With ``tune``, the
+    route's weights are first fine-tuned on those studies registered onto each other (`RegistrationFineTune`, once,
+    with the support's label ids). 2D inputs, and volumes where the support folder holds 2D images, keep the support
+    set and the weights as given.
     """
 
     def __init__(
@@ -55,6 +62,7 @@ class FolderSegmenter:
         policy: DecodePolicy = EVERY_SLICE,
         atlases: int = 0,
         registration: AtlasRegistration | None = None,
+        tune: RegistrationFineTune | None = None,
     ) -> None:
         if atlases < 0:
             raise ValueError(f"atlases must be >= 0 (0: volumes use the support set), got {atlases}")
@@ -63,6 +71,7 @@ class FolderSegmenter:
         self.loader = LoadImage(image_only=True, ensure_channel_first=True)
         self.atlas_count, self.registration = atlases, registration or AtlasRegistration()
         self._atlases: list[Atlas] | None = None
+        self.tune, self._tuned = tune, None  # the registration route's fine-tuned weights, once trained
 
     def __call__(self, inputs: str | Path | Sequence[str | Path], output_dir: str | Path) -> dict:
         """Segment ``inputs`` (a folder, or a list of its entries as `list_inputs` gives them) into ``output_dir``."""
@@ -113,7 +122,23 @@ class FolderSegmenter:
                 label = read_label(item["label"], self.loader)
                 atlases.append(Atlas(image, label, encoded_slices(self.model, image, self.axis)))
             self._atlases = atlases
+            if self.tune is not None and len(atlases) >= 2 and self.tune.applies(self.model):
+                self._tuned = self.tuned(atlases)
         return self._atlases
+
+    def tuned(self, atlases: list[Atlas]) -> dict:
+        """The model's weights fine-tuned on ``atlases`` registered onto each other; the model keeps its own."""
+        from ..training.finetune import snapshot
+        from ..training.registered import RegisteredEpisodes, cross_register
+
+        ids = self.support.label_ids
+        registered = cross_register(self.registration, atlases, ids)
+        data = RegisteredEpisodes(self.model, atlases, registered, ids, self.axis)
+        with weights_loaded(self.model, snapshot(self.model)):
+            with torch.enable_grad():
+                done = self.tune(self.model, data)
+            logger.info(done.describe("weights", len(atlases)))
+            return snapshot(self.model)
 
     def segment_file(self, path: Path, output_dir: Path, embedding: SupportEmbedding) -> Path:
         image = read_image(path, self.loader)
@@ -131,4 +156,6 @@ class FolderSegmenter:
         atlases, ids = self.atlases(), self.support.label_ids
         volume = encoded_slices(self.model, image, self.axis)
         registered = register_atlases(self.registration, image, atlases, ids)
-        return to_volume(segment_atlases(self.model, image, volume, atlases, registered, ids, self.axis), self.axis)
+        with weights_loaded(self.model, self._tuned):
+            label = segment_atlases(self.model, image, volume, atlases, registered, ids, self.axis)
+        return to_volume(label, self.axis)

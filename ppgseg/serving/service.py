@@ -34,6 +34,7 @@ from ..inference.volume import (
 from ..io import read_image, read_label
 from ..modeling.generator import SupportEmbedding
 from ..modeling.proxy_sam import ProxyPromptSAM
+from ..training.registered import RegisteredEpisodes, RegistrationFineTune, cross_register
 from .encodings import EncodingCache, StudyEncoder
 from .segmenters import ImageSegmenter
 from .similarity import StudySimilarity
@@ -176,27 +177,52 @@ class ProxyPromptService:
         *,
         study: Study | None = None,
         axis: int | None = None,
+        tune_on: Sequence[Study] | None = None,
     ) -> tuple[Tensor, dict]:
         """Label map of a volume (C, *spatial) from labelled ``studies`` registered onto it (`AtlasRegistration`):
         each slice prompted by the studies' slices at its position, the atlases' vote as the registration prompt
-        (`inference.volume.segment_registered`), with the base weights. ``study``: as in `segment`; ``axis``: the
-        slicing axis (default the service's)."""
+        (`inference.volume.segment_registered`), with the base weights fine-tuned for the route on the labelled
+        studies ``tune_on`` (default ``studies``; `atlas_weights`). ``study``: as in `segment`; ``axis``: the slicing
+        axis (default the service's)."""
         axis = self.axis if axis is None else axis
         volume, how = self.encoded(image, study, axis)
         info: dict = {"study_encoding": how}
-        atlases = []
-        for s in studies:
-            atlas = read_image(s.image)
-            atlases.append(Atlas(atlas, read_label(s.label), self.encoded(atlas, s, axis)[0]))
+        atlases = [self.atlas(s, axis) for s in studies]
         start = time.monotonic()
         registered, info["registrations_cached"] = self.registered(image, study, studies, atlases, label_ids)
         info["registration_seconds"] = round(time.monotonic() - start, 2)
-        start = time.monotonic()
         with self.lock:
-            self.weights.load_base()
+            start = time.monotonic()
+            info["weights"] = self.atlas_weights(studies if tune_on is None else tune_on, label_ids, axis)
+            info["weights_seconds"] = round(time.monotonic() - start, 2)
+            start = time.monotonic()
             label = segment_atlases(self.model, image, volume, atlases, registered, label_ids, axis)
-        info |= {"weights": self.weights.description, "segment_seconds": round(time.monotonic() - start, 2)}
+        info["segment_seconds"] = round(time.monotonic() - start, 2)
         return to_volume(label, axis), info
+
+    def atlas(self, study: Study, axis: int) -> Atlas:
+        """A labelled study read and encoded (from the study encoding cache where it is on) for the registration
+        route."""
+        image = read_image(study.image)
+        return Atlas(image, read_label(study.label), self.encoded(image, study, axis)[0])
+
+    def atlas_weights(self, studies: Sequence[Study], label_ids: Sequence[int], axis: int) -> str:
+        """Load the registration route's weights for the labelled ``studies`` (`SupportWeights.load_atlases`): the
+        base weights fine-tuned on them registered onto each other (`RegistrationFineTune`), trained on first use and
+        kept until a study's files change. Call under ``self.lock``."""
+        ordered = sorted(studies, key=lambda s: s.stamp())  # one set, one key, whatever order they came in
+        s = self.weights.settings
+        if not RegistrationFineTune.applies(self.model):
+            self.weights.load_base()
+            return self.weights.description
+
+        def train():
+            atlases = [self.atlas(st, axis) for st in ordered]
+            registered = cross_register(self.registration, atlases, label_ids)
+            data = RegisteredEpisodes(self.model, atlases, registered, label_ids, axis)
+            return RegistrationFineTune(episodes=s.atlas_episodes, lr=s.atlas_lr, seed=s.seed)(self.model, data)
+
+        return self.weights.load_atlases([st.stamp() for st in ordered], label_ids, axis, train)
 
     def registered(
         self,

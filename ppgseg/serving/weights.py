@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from ..data.contract import Sample
 from ..modeling.proxy_sam import ProxyPromptSAM
 from ..training.episodes import EpisodeBank
 from ..training.finetune import SupportFineTune, snapshot
+from ..training.registered import RegistrationTuned
 from .studies import Support, digest, keep
 
 logger = logging.getLogger("ppgseg")
@@ -30,15 +31,22 @@ class FineTuneSettings:
             bundle's default weights to empty masks). A fine-tune that does not lower the loss of fixed episodes of
             the support is discarded.
         seed: its episodes.
+        atlas_episodes: episodes of the registration route's fine-tune on the labelled studies registered onto each
+            other (`RegistrationFineTune`; 0: never).
+        atlas_lr: its AdamW learning rate.
     """
 
     seconds: float = 60.0
     lr: float = 0.002
     seed: int = 0
+    atlas_episodes: int = 400
+    atlas_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.seconds < 0:
             raise ValueError(f"finetune seconds must be >= 0, got {self.seconds}")
+        if self.atlas_episodes < 0:
+            raise ValueError(f"atlas_finetune_episodes must be >= 0, got {self.atlas_episodes}")
 
 
 ON_THE_FLY = FineTuneSettings()  # the app's defaults
@@ -93,25 +101,57 @@ class SupportWeights:
             return self.base_key, self.description, None
         s = self.settings
         key = digest(self.base_key, support.key, bound, s.lr, s.seed)
+        description = self._kept(key)
+        if description is not None:
+            return key, description, None
+        done = self.finetune(self.model, pairs, support.label_ids, bound, same_study=support.same_study)
+        description = done.describe(self.description, len(support.samples))
+        self._keep(key, description, support.sources)
+        return key, description, done.bank
+
+    def load_atlases(
+        self, stamps: Sequence[str], label_ids: Sequence[int], axis: int, train: Callable[[], RegistrationTuned]
+    ) -> str:
+        """Load the weights for the registration route with labelled studies (their ``stamps``) and return their
+        description: the base weights where the registration fine-tune is off, there are fewer than 2 studies or the
+        base weights were trained on all of them; else the base trained by ``train()`` (`RegistrationFineTune` on the
+        studies registered onto each other), kept in memory and on disk per (base, studies, labels, axis, settings)."""
+        s = self.settings
+        if s.atlas_episodes == 0 or len(stamps) < 2 or set(stamps) <= self.trained_on:
+            self._load(self.base)
+            return self.description
+        key = digest(self.base_key, "registration/1", list(stamps), list(label_ids), axis, s.atlas_episodes, s.atlas_lr,
+                     s.seed)  # fmt: skip
+        description = self._kept(key)
+        if description is None:
+            description = train().describe(self.description, len(stamps))
+            self._keep(key, description, list(stamps))
+        return description
+
+    def _kept(self, key: str) -> str | None:
+        """Load the weights kept under ``key`` (memory, else disk) and return their description; None (the base
+        weights loaded) where none are kept."""
         if key in self._states:
             state, description = self._states[key]
             self._states.move_to_end(key)
             self._load(state)
-            return key, description, None
+            return description
         path = self.cache_dir / "finetuned" / f"{key}.pt"
         self._load(self.base)
-        if path.is_file():
-            load_ppg(self.model, path)
-            description = json.loads(path.with_suffix(".json").read_text())["weights"]
-            keep(self._states, key, (snapshot(self.model), description), self.memory)
-            return key, description, None
-        done = self.finetune(self.model, pairs, support.label_ids, bound, same_study=support.same_study)
-        description = done.describe(self.description, len(support.samples))
-        logger.info(description)
-        save_ppg(self.model, path)
-        path.with_suffix(".json").write_text(json.dumps({"weights": description, "sources": support.sources}))
+        if not path.is_file():
+            return None
+        load_ppg(self.model, path)
+        description = json.loads(path.with_suffix(".json").read_text())["weights"]
         keep(self._states, key, (snapshot(self.model), description), self.memory)
-        return key, description, done.bank
+        return description
+
+    def _keep(self, key: str, description: str, sources: list[str]) -> None:
+        """Keep the model's weights, just trained, under ``key`` in memory and on disk."""
+        logger.info(description)
+        path = self.cache_dir / "finetuned" / f"{key}.pt"
+        save_ppg(self.model, path)
+        path.with_suffix(".json").write_text(json.dumps({"weights": description, "sources": sources}))
+        keep(self._states, key, (snapshot(self.model), description), self.memory)
 
     def load_base(self) -> None:
         """Load the base weights (for what segments with them as they are)."""

@@ -143,6 +143,13 @@ class RegistrationFineTune:
         self.episodes, self.lr, self.seed, self.checks = episodes, lr, seed, checks
         self.loss = DiceCELoss(sigmoid=True)
 
+    @staticmethod
+    def applies(model) -> bool:
+        """Whether the fine-tune can train ``model``: its encoder frozen (the studies' features are reused) and a
+        decoder between the prompt and the masks (not the `coarse` route)."""
+        route = getattr(model, "route", None)
+        return route is not None and route.uses_decoder and not model.encoder_trains
+
     def __call__(self, model: ProxyPromptSAM, data: RegisteredEpisodes, *, seconds: float | None = None):
         """Train ``model`` in place for ``self.episodes`` episodes (or until ``seconds`` have passed) and leave in it
         the trained weights, or its start weights where the check loss did not fall. Returns `RegistrationTuned`."""

@@ -33,6 +33,7 @@ DEFAULTS = {
     "auto_route": "registration",  # Auto Segmentation of volumes: "registration" (see README) or "fixed" supports
     "finetune_seconds": "60",  # time bound of the on-the-fly fine-tune on a new support set (0: off)
     "finetune_lr": "0.002",  # its SGD learning rate (gentler than training from scratch: few pairs, no schedule)
+    "atlas_finetune_episodes": "400",  # registration route: episodes of its fine-tune on the labelled studies (0: off)
     "tile": None,  # segment in native-resolution tiles of this side (e.g. 256 for fundus vessels); default: one pass
     "encode_cache_gb": "4",  # disk for encoder features of studies encoded ahead of need (0: off)
     "min_carried": "0.05",  # an object the support carries nowhere on a slice is left empty there, undecoded (0: off)
@@ -93,14 +94,15 @@ class ProxyPromptConfig:
             self.num_support, self.support_slices = int(c["num_support"]), int(c["support_slices"])
             self.axis = 2 if self.auto_axis else int(c["axis"])
             finetune_seconds, finetune_lr = float(c["finetune_seconds"]), float(c["finetune_lr"])
+            atlas_episodes = int(c["atlas_finetune_episodes"])
             self.seed = int(c["seed"])
             self.encode_cache_bytes = int(float(c["encode_cache_gb"]) * 2**30)
             self.tile = int(c["tile"]) if c["tile"] else None
             min_carried, z_stride = float(c["min_carried"]), int(c["z_stride"])
         except ValueError as err:
             raise ValueError(
-                "--conf num_support, support_slices, axis, finetune_seconds, finetune_lr, seed, tile, encode_cache_gb, "
-                f"min_carried, z_stride: not a number ({err})"
+                "--conf num_support, support_slices, axis, finetune_seconds, finetune_lr, atlas_finetune_episodes, "
+                f"seed, tile, encode_cache_gb, min_carried, z_stride: not a number ({err})"
             ) from err
         self.auto_route = str(c["auto_route"])
         if self.auto_route not in ("registration", "fixed"):
@@ -111,7 +113,7 @@ class ProxyPromptConfig:
             self.policy = DecodePolicy(
                 min_carried=min_carried, box_refine=str(c["box_refine"]).lower() == "true", z_stride=z_stride
             )
-            self.finetune = FineTuneSettings(finetune_seconds, finetune_lr, self.seed)
+            self.finetune = FineTuneSettings(finetune_seconds, finetune_lr, self.seed, atlas_episodes)
         except ValueError as err:
             raise ValueError(f"--conf: {err}") from err
         if self.tile and self.backbone == "sam2":

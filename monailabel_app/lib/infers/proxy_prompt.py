@@ -20,6 +20,7 @@ from ppgseg.io import read_image, write_label
 from ppgseg.serving import Study
 
 logger = logging.getLogger(__name__)
+ATLAS_TUNE_STUDIES = 10  # labelled studies the registration route's fine-tune learns from, at most
 
 
 class _ProxyPromptInfer(InferTask):
@@ -113,7 +114,14 @@ class StudySupportInfer(_ProxyPromptInfer):
             if missing:
                 raise bad_request(422, f"{missing} appear in no chosen labelled study; name other support_ids")
             axis = self.app.slice_axis(image)
-            label, info = service.segment_registered(image, chosen, list(labels.values()), study=target, axis=axis)
+            # the route's fine-tune learns from every other labelled study that shows all the labels (the first
+            # ATLAS_TUNE_STUDIES by id), whichever are chosen as atlases: one set, trained once, for every target
+            wanted = set(labels.values())
+            tune_on = [s for i, s in sorted(labelled.items()) if i != target_id and wanted <= service.shows(s)]
+            tune_on = tune_on[:ATLAS_TUNE_STUDIES]
+            label, info = service.segment_registered(
+                image, chosen, list(labels.values()), study=target, axis=axis, tune_on=tune_on or chosen
+            )
             info["slice_axis"] = axis
             info["route"] = "registration prompt, supports at each slice's position"
         else:
