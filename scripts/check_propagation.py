@@ -63,7 +63,8 @@ def main() -> None:
             keep = torch.ones(len(truth), dtype=torch.bool)
             keep[zs] = False
             start = time.perf_counter()
-            pred = one_component(propagate(model, volume, drawn, [i], blend=a.blend), [i])
+            slices = as_slices(study.image[None], a.axis)[:, 0]
+            pred = one_component(propagate(model, volume, drawn, [i], blend=a.blend, slices=slices), [i])
             seconds = time.perf_counter() - start
             rows[name] = {
                 "drawn_slices": zs,

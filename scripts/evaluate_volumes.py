@@ -58,8 +58,15 @@ def main() -> None:
         if a.tune_episodes
         else "no training on this set"
     )
-    note = (f"Backbone {a.backbone}, PPG weights {weights} ({trained}; otherwise the labelled studies are only "
-            f"supports and atlases). 3D UNet budget {a.unet_seconds:g} s per K on this machine's CPU.")  # fmt: skip
+    unet = (
+        f"3D UNet budget {a.unet_seconds:g} s per K on this machine's CPU."
+        if a.unet_seconds
+        else "No 3D UNet row (--unet-seconds 0)."
+    )
+    note = (
+        f"Backbone {a.backbone}, PPG weights {weights} ({trained}; otherwise the labelled studies are only "
+        f"supports and atlases). {unet}"
+    )
     print(f"wrote {write_volume_report(results, out, note=note)}")
 
 

@@ -132,6 +132,24 @@ def test_propagation_copies_through_the_dense_slot_and_stops_at_a_not_here_slice
         propagate(coarse_model, vol, {}, [1])
 
 
+def test_propagation_with_the_slices_registers_each_neighbour_onto_the_next_slice(coarse_model):
+    """A disc that moves 1.5 voxels per slice: carried by 2D registration of each slice onto the next (``slices``),
+    the drawn mask follows it; copied (no ``slices``), it stays where it was drawn."""
+    z_all, size = 9, (40, 40)
+    yy, xx = torch.meshgrid(torch.arange(size[0]), torch.arange(size[1]), indexing="ij")
+    truth = torch.stack([((yy - 20) ** 2 + (xx - 8 - 1.5 * z) ** 2 <= 36).to(torch.uint8) for z in range(z_all)])
+    g = torch.Generator().manual_seed(0)
+    image = 30.0 + 120.0 * truth.float() + 4 * torch.randn(truth.shape, generator=g)  # (Z, H, W)
+    vol = encode_volume(coarse_model, image.permute(1, 2, 0)[None], axis=2)
+    drawn = {4: truth[4]}
+    keep = torch.ones(z_all, dtype=torch.bool)
+    keep[4] = False
+    copied = propagate(coarse_model, vol, drawn, [1])
+    warped = propagate(coarse_model, vol, drawn, [1], slices=image)
+    d_copy, d_warp = (dice(p[keep], truth[keep], [1])[1] for p in (copied, warped))
+    assert d_warp > max(0.85, d_copy + 0.2), (d_copy, d_warp)
+
+
 def test_one_component_keeps_the_largest_3d_component_per_label():
     lab = torch.zeros(10, 10, 10, dtype=torch.uint8)
     lab[1:5, 1:5, 1:5] = 1

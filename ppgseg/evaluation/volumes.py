@@ -281,6 +281,7 @@ class VolumeProtocol:
         enc, truth = self.encoded(study), study.label
         per_slice = self.slices(truth)
         bank = LabelledSlices.of(self.model, enc, truth, self.label_ids, self.axis)
+        image_slices = self.slices(study.image)
         for n in self.drawn:
             zs = drawn_positions(truth, self.axis, n)
             drawn = {z: per_slice[z] for z in zs}
@@ -292,7 +293,7 @@ class VolumeProtocol:
                 "nearest_slice_copy": partial(nearest_copy, drawn, len(enc)),
                 "interpolation": partial(interpolate_slices, drawn, len(enc), ids),
                 "ppg_drawn_fixed_supports": partial(segment_slices, m, enc, bank, [zs] * len(enc), ids),
-                "ppg_propagation": partial(self.largest, propagate, m, enc, drawn, ids),
+                "ppg_propagation": partial(self.largest, propagate, m, enc, drawn, ids, slices=image_slices),
             }
             for name, route in routes.items():
                 pred, sec = _timed(route)

@@ -18,7 +18,7 @@ from ..io import voxel_spacing
 from ..lora import merged_lora
 from ..modeling.generator import Selected, SupportEmbedding
 from ..modeling.proxy_sam import ProxyPromptSAM
-from .atlas import AtlasRegistration, Registered, atlas_slice, to_sitk, vote
+from .atlas import AtlasRegistration, Registered, atlas_slice, to_sitk, vote, warp_to_slice
 from .slices import as_slices, encode_slices, to_label
 
 
@@ -283,6 +283,7 @@ def propagate(
     supports: int = 3,
     min_iou: float = 0.5,
     blend: float = 0.5,
+    slices: Tensor | None = None,
 ) -> Tensor:
     """(Z, H, W) label map of a volume from a few slices drawn in it: ``drawn`` maps slice index -> (H, W) label
     map (all-zero: the object is not there).
@@ -290,7 +291,8 @@ def propagate(
     Slices are taken in order of their distance to the nearest drawn slice. Each is prompted by its ``supports``
     nearest labelled slices (drawn or segmented before it), the nearest one's masks carried into the decoder's dense
     slot (the registration prompt with the neighbour as the atlas), and mixed with the decoder's result with weight
-    ``blend``. Beyond the outermost drawn slice on either side,
+    ``blend``. With ``slices`` (Z, H, W), the volume's slices as read, the nearest one's masks are first carried onto
+    the slice by 2D registration (`warp_to_slice`) instead of copied. Beyond the outermost drawn slice on either side,
     an object stops where its mask comes back empty or with a predicted IoU below ``min_iou``: no slice further out
     gets it.
     """
@@ -314,14 +316,18 @@ def propagate(
             active = ~ended[side] if side is not None else torch.ones(n, dtype=torch.bool)
             near = sorted(labels, key=lambda d: (abs(d - z), d))[:supports]
             masks = in_frame(model, torch.stack([labels[d] for d in near]), volume.size)
+            carried = labels[near[0]]
+            if slices is not None and bool(carried.any()):
+                moved = warp_to_slice(slices[near[0]].numpy(), slices[z].numpy(), carried.numpy())
+                carried = torch.from_numpy(moved).clamp(0, 1)
             emb = model.encode_prepared_support(
                 volume.x[near].to(device), (masks > 0.5).float().to(device), Features(grid[near].to(device))
             )
             f = volume.features.select([z]).to(device)
-            prior = masks[:1].to(device)
+            prior = in_frame(model, carried[None], volume.size).to(device)
             asked = active.to(device)[None] & (prior.flatten(2).amax(2) > 0.5)
             low, iou = decode_with_prior(model, f, model.select(f, emb), prior, asked)
-            logits = blended(model.backbone.postprocess(low, geo).cpu(), labels[near[0]][None], blend)
+            logits = blended(model.backbone.postprocess(low, geo).cpu(), carried[None], blend)
             found = (logits[0] > 0).float()  # (N, H, W)
             keep = asked[0].cpu() & (found.flatten(1).sum(1) > 0) & (iou[0].cpu() >= min_iou)
             if side is not None:

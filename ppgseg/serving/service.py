@@ -264,17 +264,18 @@ class ProxyPromptService:
         axis: int | None = None,
     ) -> tuple[Tensor, dict]:
         """Label map of a volume (C, *spatial) from slices drawn in it, propagated outward slice by slice
-        (`inference.volume.propagate`), with the base weights. ``drawn``: slice index along the service's axis ->
-        (H, W) label map of ``label_ids``; an all-zero one says the objects are not on that slice. ``study``: as in
-        `segment` (its encoder features cached); ``axis``: the
-        slicing axis ``drawn`` counts along (default the service's)."""
+        (`inference.volume.propagate`, each neighbour's masks carried by 2D registration), with the base weights.
+        ``drawn``: slice index along the service's axis -> (H, W) label map of ``label_ids``; an all-zero one says the
+        objects are not on that slice. ``study``: as in `segment` (its encoder features cached); ``axis``: the slicing
+        axis ``drawn`` counts along (default the service's)."""
         axis = self.axis if axis is None else axis
         volume, how = self.encoded(image, study, axis)
         info = {"study_encoding": how}
         with self.lock:
             self.weights.load_base()
             start = time.monotonic()
-            label = to_volume(propagate(self.model, volume, drawn, label_ids), axis)
+            slices = as_slices(image, axis).float().mean(1)  # what each next slice's masks are registered onto
+            label = to_volume(propagate(self.model, volume, drawn, label_ids, slices=slices), axis)
         info |= {"weights": self.weights.description, "segment_seconds": round(time.monotonic() - start, 2)}
         return label, info
 
