@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_model import tiny_model
 
-from ppgseg.evaluation.baselines.volume import interpolate_slices, nearest_copy
+from ppgseg.evaluation.baselines.volume import interpolate_slices, nearest_copy, registered_slices
 from ppgseg.evaluation.volumes import dice, drawn_positions
 from ppgseg.inference.atlas import AtlasRegistration, atlas_slice, fuse, to_sitk
 from ppgseg.inference.volume import (
@@ -148,6 +148,8 @@ def test_propagation_with_the_slices_registers_each_neighbour_onto_the_next_slic
     warped = propagate(coarse_model, vol, drawn, [1], slices=image)
     d_copy, d_warp = (dice(p[keep], truth[keep], [1])[1] for p in (copied, warped))
     assert d_warp > max(0.85, d_copy + 0.2), (d_copy, d_warp)
+    peer = registered_slices(drawn, image, [1])  # the same carrying with no model: the protocol's peer
+    assert dice(peer[keep], truth[keep], [1])[1] > max(0.85, d_copy + 0.2)
 
 
 def test_one_component_keeps_the_largest_3d_component_per_label():
@@ -207,7 +209,8 @@ def test_volume_protocol_runs_every_method_resumes_and_reports(tmp_path, coarse_
     study = results["studies"]["s2"]
     assert set(study["studies"]) == {"registration", "ppg_fixed_supports", "ppg_position_supports",
                                      "ppg_registration_prompt", "unet3d", "litemedsam_gt_box"}  # fmt: skip
-    assert set(study["drawn"]) == {"nearest_slice_copy", "interpolation", "ppg_drawn_fixed_supports", "ppg_propagation"}
+    assert set(study["drawn"]) == {"nearest_slice_copy", "interpolation", "slice_registration",
+                                   "ppg_drawn_fixed_supports", "ppg_propagation"}  # fmt: skip
     assert set(study["studies"]["registration"]) == {"1", "2"}
     assert study["studies"]["registration"]["2"]["front"] > 0.7  # similar ellipsoids register well
     # resumed: the second test study is added, the first one is not run again

@@ -21,6 +21,7 @@ NAMES = {
     "litemedsam_gt_box": "LiteMedSAM, ground-truth box on every slice (oracle)",
     "nearest_slice_copy": "nearest drawn slice copied",
     "interpolation": "shape-based interpolation (Fill between slices)",
+    "slice_registration": "each slice registered onto the next, outward from the drawn ones (2D demons, no model)",
     "ppg_drawn_fixed_supports": "PPG, the drawn slices as fixed supports",
     "ppg_propagation": "PPG propagation from the drawn slices",
 }
@@ -97,6 +98,10 @@ def targets(results: dict) -> list[str]:
         out.append(f"- 3 drawn slices, propagation {p:.3f} against interpolation {i:.3f} and nearest copy {c:.3f}: "
                    f"above both {'met' if p > max(i, c) else 'missed'}; at least 0.85: "
                    f"{'met' if p >= 0.85 else 'missed'}.")  # fmt: skip
+        if "3" in dr.get("slice_registration", {}):
+            r = dr["slice_registration"]["3"].mean()
+            out.append(f"- 3 drawn slices, slice-to-slice registration with no model {r:.3f}: the PPG's propagation "
+                       f"is {'above' if p > r else 'below'} it.")  # fmt: skip
     return out
 
 

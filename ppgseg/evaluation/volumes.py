@@ -41,7 +41,7 @@ from ..io import read_image
 from ..modeling.proxy_sam import ProxyPromptSAM
 from ..training.finetune import snapshot
 from ..training.registered import RegisteredEpisodes, RegistrationFineTune, cross_register
-from .baselines.volume import UNetPeer, box_slices, interpolate_slices, nearest_copy
+from .baselines.volume import UNetPeer, box_slices, interpolate_slices, nearest_copy, registered_slices
 
 logger = logging.getLogger(__name__)
 
@@ -292,6 +292,7 @@ class VolumeProtocol:
             routes = {
                 "nearest_slice_copy": partial(nearest_copy, drawn, len(enc)),
                 "interpolation": partial(interpolate_slices, drawn, len(enc), ids),
+                "slice_registration": partial(registered_slices, drawn, image_slices, ids),
                 "ppg_drawn_fixed_supports": partial(segment_slices, m, enc, bank, [zs] * len(enc), ids),
                 "ppg_propagation": partial(self.largest, propagate, m, enc, drawn, ids, slices=image_slices),
             }
