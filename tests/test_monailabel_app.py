@@ -433,13 +433,14 @@ def shipped_auto_segmentation(tmp_path, conf: dict) -> tuple[dict, str]:
     return dice, out["params"]["weights"]
 
 
-@pytest.mark.slow  # ~10 min: 400 episodes of LiteMedSAM (`.ci/run` runs it after the default run)
+@pytest.mark.slow  # ~13 min: 400 episodes of LiteMedSAM (`.ci/run` runs it after the default run)
 def test_auto_segmentation_with_the_registration_fine_tune_as_shipped(tmp_path, app_code):
     """In-process, the app as shipped, its registration fine-tune on (the default): trained on the three labelled
-    studies registered onto each other, then the same request as above. Measured: MEASURED."""
+    studies registered onto each other, then the same request as above. Measured (0.4 weights, 688 s of fine-tune):
+    liver 0.958, spleen 0.870, kidney 0.659 (mean 0.829, against 0.716 with the fine-tune off)."""
     dice, weights = shipped_auto_segmentation(tmp_path, {})
     assert "registration fine-tune on 3 labelled studies (400 episodes" in weights, weights
-    assert dice["liver"] >= 0.7 and np.mean(list(dice.values())) >= 0.55, dice
+    assert dice["liver"] >= 0.9 and np.mean(list(dice.values())) >= 0.77, dice
 
 
 @pytest.mark.slow
