@@ -4,7 +4,7 @@ propagation outward from slices a user drew, each next slice prompted by its nea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -309,7 +309,7 @@ def propagate(
     grid = model.to_grid(volume.features.embed)
     geo = model.backbone.geometry(volume.size)
     device = model.backbone.device
-    order = sorted((z for z in range(z_all) if z not in drawn), key=lambda z: (min(abs(z - d) for d in drawn), z))
+    order = outward(drawn, z_all)
     with torch.no_grad(), merged_lora(model):
         for z in order:
             side = 0 if z < lo else 1 if z > hi else None
@@ -333,10 +333,12 @@ def propagate(
             if side is not None:
                 ended[side] |= active & ~keep
             labels[z] = found * keep[:, None, None]
-    ids = torch.tensor([0, *label_ids], dtype=torch.uint8)
-    stack = torch.stack([labels[z] for z in range(z_all)])  # (Z, N, H, W)
-    fg = stack.max(1)
-    return ids[torch.where(fg.values > 0, fg.indices + 1, 0)]
+    return to_label(torch.stack([labels[z] for z in range(z_all)]), label_ids)  # masks (Z, N, H, W) -> label map
+
+
+def outward(drawn: Collection[int], z_all: int) -> list[int]:
+    """The slices of a ``z_all``-slice volume not in ``drawn``, nearest to a drawn one first (the lower on a tie)."""
+    return sorted((z for z in range(z_all) if z not in drawn), key=lambda z: (min(abs(z - d) for d in drawn), z))
 
 
 def one_component(label: Tensor, label_ids: Sequence[int]) -> Tensor:

@@ -89,7 +89,6 @@ class RegisteredEpisodes:
             self.items += [(i, z) for z in range(z_all) if self.supports[i][z] and bool(asks[z].any())]
         if not self.items:
             raise ValueError("the registered labels ask for no object on any slice: check the labels and label ids")
-        self.truth = self.bank.masks
 
     def __len__(self) -> int:
         return len(self.items)
@@ -104,7 +103,7 @@ class RegisteredEpisodes:
         selected = model.select(f, self.bank.embedding(model, self.supports[i][z]))
         low, _ = decode_with_prior(model, f, selected, prior, asked)
         row = int(((self.bank.study == i) & (self.bank.index == z)).nonzero()[0, 0])
-        truth = F.interpolate(self.truth[row : row + 1].to(device), size=low.shape[-2:], mode="area") > 0.5
+        truth = F.interpolate(self.bank.masks[row : row + 1].to(device), size=low.shape[-2:], mode="area") > 0.5
         keep = asked[0]
         return low[:, keep], truth[:, keep].float()
 
@@ -153,10 +152,10 @@ class RegistrationFineTune:
     def __call__(self, model: ProxyPromptSAM, data: RegisteredEpisodes, *, seconds: float | None = None):
         """Train ``model`` in place for ``self.episodes`` episodes (or until ``seconds`` have passed) and leave in it
         the trained weights, or its start weights where the check loss did not fall. Returns `RegistrationTuned`."""
-        if not model.route.uses_decoder:
+        if not self.applies(model):
             raise ValueError(
-                "the registration fine-tune trains the decoder's refinement of the registered vote: the "
-                "model's prompt route has no decoder (coarse)"
+                "the registration fine-tune trains the decoder's refinement of the registered vote, on the studies' "
+                "cached features: the model's prompt route has no decoder (coarse), or its encoder trains"
             )
         start = time.monotonic()
         rng = np.random.default_rng(self.seed)

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from ...backbones.base import mask_box
 from ...inference.atlas import warp_to_slice
-from ...inference.volume import EncodedVolume
+from ...inference.slices import to_label
+from ...inference.volume import EncodedVolume, outward
 from ...modeling.proxy_sam import ProxyPromptSAM
 
 
@@ -32,19 +33,14 @@ def registered_slices(drawn: dict[int, Tensor], slices: Tensor, label_ids: Seque
     """(Z, H, W): slice-to-slice registration. Outward from the drawn slices, each slice gets the label map of its
     nearest labelled neighbour (drawn, or done before it), carried onto it by 2D demons registration of the
     neighbour's image onto its own (`warp_to_slice`); no model. ``slices`` (Z, H, W): the volume's images."""
-    ids = torch.tensor([0, *label_ids], dtype=torch.uint8)
     labels = {z: torch.stack([lab == i for i in label_ids]).float() for z, lab in drawn.items()}
-    for z in sorted(
-        (z for z in range(len(slices)) if z not in drawn), key=lambda z: (min(abs(z - d) for d in drawn), z)
-    ):
+    for z in outward(drawn, len(slices)):
         near = min(labels, key=lambda d: (abs(d - z), d))
         carried = labels[near]
         if bool(carried.any()):
             carried = torch.from_numpy(warp_to_slice(slices[near].numpy(), slices[z].numpy(), carried.numpy()))
         labels[z] = (carried > 0.5).float()
-    stack = torch.stack([labels[z] for z in range(len(slices))])  # (Z, N, H, W)
-    fg = stack.max(1)
-    return ids[torch.where(fg.values > 0, fg.indices + 1, 0)]
+    return to_label(torch.stack([labels[z] for z in range(len(slices))]), label_ids)
 
 
 def signed_distance(mask: np.ndarray) -> np.ndarray:
