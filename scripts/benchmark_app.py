@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--labelled", type=int, default=3, help="labelled studies in the datastore")
     parser.add_argument("--finetune-seconds", default="60")
+    parser.add_argument("--atlas-finetune-episodes", default="400", help="the registration route's fine-tune (0: off)")
     parser.add_argument("--z-stride", default="4", help="the app's z_stride (1: decode every slice)")
     parser.add_argument("--auto-route", default="registration", choices=["registration", "fixed"])
     args = parser.parse_args()
@@ -76,7 +77,7 @@ def main() -> None:
     cmd = [str(Path(sys.executable).with_name("monailabel")), "start_server", "--app", str(app), "--studies"]
     cmd += [str(studies), "--conf", "models", "proxy_prompt", "--conf", "bundle", str(ROOT / "bundle")]
     cmd += ["--conf", "finetune_seconds", args.finetune_seconds, "--conf", "z_stride", args.z_stride]
-    cmd += ["--conf", "auto_route", args.auto_route]
+    cmd += ["--conf", "auto_route", args.auto_route, "--conf", "atlas_finetune_episodes", args.atlas_finetune_episodes]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
     log = open(work / "server.log", "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
