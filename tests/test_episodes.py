@@ -128,3 +128,32 @@ def test_episodes_come_from_the_banks_in_the_weighted_shares():
     for bad in ([1, 1], [1, -1, 1], [0, 0, 0]):
         with pytest.raises(ValueError, match="bank_weights must be 3 non-negative"):
             EpisodeDataset(banks, 1, 10, bank_weights=bad)
+
+
+def test_bank_features_kept_on_disk_equal_the_computed_ones_and_are_not_computed_again(tmp_path):
+    """A bank over the same pixels and encoder weights reads its features back instead of encoding (a resumed run);
+    other encoder weights are other features."""
+    from ppgseg import build_model
+    from ppgseg.training import EpisodeBank
+
+    torch.manual_seed(0)
+    model = build_model("sam_tiny", "tiny", pretrained=False, lora_sites=("decoder",))
+    assert not model.encoder_trains
+    label = torch.zeros(48, 64, dtype=torch.long)
+    label[10:30, 15:35] = 1
+    samples = [Sample(torch.rand(3, 48, 64) * 255, label, f"s{i}") for i in range(3)]
+    calls = []
+    encode = model.backbone.encode
+    model.backbone.encode = lambda x: calls.append(len(x)) or encode(x)
+    plain = EpisodeBank(model, samples, [1], views=2, seed=0)
+    first = EpisodeBank(model, samples, [1], views=2, seed=0, feature_cache=tmp_path)
+    assert len(calls) == 12 and len(list(tmp_path.glob("*.pt"))) == 2  # 3 images x 2 views, twice; a file a view
+    again = EpisodeBank(model, samples, [1], views=2, seed=0, feature_cache=tmp_path)
+    assert len(calls) == 12
+    for v in range(2):
+        torch.testing.assert_close(again.cache[v].embed, plain.cache[v].embed)
+        torch.testing.assert_close(first.cache[v].embed, plain.cache[v].embed)
+    with torch.no_grad():
+        next(model.backbone.model.image_encoder.parameters()).add_(1.0)
+    EpisodeBank(model, samples, [1], views=2, seed=0, feature_cache=tmp_path)
+    assert len(calls) == 18 and len(list(tmp_path.glob("*.pt"))) == 4

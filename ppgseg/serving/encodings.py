@@ -4,61 +4,20 @@ background thread: a request on an encoded study runs only the PPG and the mask 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
-from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from ..backbones.base import Features
+from ..backbones.cache import EncodingCache
 from ..inference.slices import encode_slices
 from ..io import read_image
 from ..modeling.proxy_sam import ProxyPromptSAM
 from .studies import Study, digest
 
 logger = logging.getLogger("ppgseg")
-
-
-class EncodingCache:
-    """Encoder features of whole studies, one file per study version in ``folder``, at most ``max_bytes`` in all
-    (the least recently used go first). Files are written whole (a temporary file, then renamed)."""
-
-    def __init__(self, folder: str | Path, max_bytes: int) -> None:
-        self.folder, self.max_bytes = Path(folder), int(max_bytes)
-        self._lock = threading.Lock()
-
-    def path(self, key: str) -> Path:
-        return self.folder / f"{key}.pt"
-
-    def get(self, key: str) -> Features | None:
-        path = self.path(key)
-        with self._lock:
-            try:
-                data = torch.load(path, weights_only=True)
-                os.utime(path)  # recently used
-            except (OSError, RuntimeError, EOFError):  # absent, evicted meanwhile, or unreadable: encode again
-                return None
-        return Features(data["embed"], tuple(data["high_res"]))
-
-    def put(self, key: str, features: Features) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.path(key).with_suffix(".tmp")
-        torch.save({"embed": features.embed, "high_res": list(features.high_res)}, tmp)
-        with self._lock:
-            tmp.replace(self.path(key))
-            files = sorted(self.folder.glob("*.pt"), key=lambda p: p.stat().st_mtime_ns)
-            total = sum(p.stat().st_size for p in files)
-            for old in files:
-                if total <= self.max_bytes or old == self.path(key):
-                    break
-                total -= old.stat().st_size
-                old.unlink()
-
-    def __contains__(self, key: str) -> bool:
-        return self.path(key).is_file()
 
 
 class StudyEncoder:

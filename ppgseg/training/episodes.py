@@ -4,7 +4,9 @@ frozen, and the module that turns one episode into logits and ground truth."""
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,11 +15,15 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..backbones.base import Features, encoder_frame
+from ..backbones.cache import EncodingCache, encoder_fingerprint, tensor_digest
 from ..data.contract import Sample
 from ..data.episodes import EpisodeSampler, PairAugment
 from ..data.intensity import to_byte_range
 from ..modeling.checks import check_in_frame
 from ..modeling.proxy_sam import ProxyPromptSAM
+
+logger = logging.getLogger("ppgseg")
+FEATURE_CACHE_BYTES = 48 * 2**30  # a training bank's features on disk: about 4 MB per LiteMedSAM image
 
 
 class EpisodeBank:
@@ -34,6 +40,9 @@ class EpisodeBank:
         label_ids: the dataset's objects; masks are stored one channel per id in this order.
         views: number of views (>= 1).
         same_study: let supports come from the target's own study (`EpisodeSampler`).
+        feature_cache: a folder (or `EncodingCache`) where the cached features of each view are kept, keyed by the
+            view's pixels and the image encoder's weights, so that a resumed run or another run over the same data
+            does not encode it again (None: kept in memory only).
     """
 
     def __init__(
@@ -45,6 +54,7 @@ class EpisodeBank:
         views: int = 3,
         seed: int = 0,
         same_study: bool = False,
+        feature_cache: str | Path | EncodingCache | None = None,
     ) -> None:
         if views < 1:
             raise ValueError(f"views must be >= 1, got {views}")
@@ -68,7 +78,20 @@ class EpisodeBank:
         self.x, self.masks = torch.stack(xs), torch.stack(ms)  # (V, M, 3, S, S), (V, M, L, S, S)
         self.shows = self.masks.flatten(3).amax(3) > 0  # (V, M, L): what each view of each sample still shows
         self.cached = not model.encoder_trains
-        self.cache = [model.encode_images(x) for x in self.x] if self.cached else None
+        self.cache = [self._encode(model, x, feature_cache) for x in self.x] if self.cached else None
+
+    @staticmethod
+    def _encode(model: ProxyPromptSAM, x: Tensor, store: str | Path | EncodingCache | None) -> Features:
+        if store is None:
+            return model.encode_images(x)
+        store = store if isinstance(store, EncodingCache) else EncodingCache(store, FEATURE_CACHE_BYTES)
+        key = f"bank-{encoder_fingerprint(model.backbone)}-{tensor_digest(x)}"
+        found = store.get(key)
+        if found is None:
+            found = model.encode_images(x)
+            store.put(key, found)
+            logger.info(f"encoded {len(x)} training images, kept in {store.path(key)}")
+        return found.to(x.device)
 
     @property
     def views(self) -> int:
