@@ -15,6 +15,7 @@ from pathlib import Path
 from ppgseg.build import build_model
 from ppgseg.evaluation.volume_report import write_volume_report
 from ppgseg.evaluation.volumes import VolumeProtocol
+from ppgseg.inference.atlas import FUSIONS, AtlasRegistration
 from ppgseg.training.registered import RegistrationFineTune
 
 BUNDLE_WEIGHTS = Path(__file__).resolve().parents[1] / "bundle" / "models" / "model.pt"
@@ -29,7 +30,9 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None, help="the backbone's weights (SAM / SAM 2)")
     p.add_argument("--axis", type=int, default=2, help="slicing axis of the (X, Y, Z) volumes")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5, 10], help="numbers of labelled studies")
-    p.add_argument("--drawn", type=int, nargs="+", default=[1, 2, 3], help="numbers of drawn slices")
+    p.add_argument(
+        "--drawn", type=int, nargs="*", default=[1, 2, 3], help="numbers of drawn slices (none: no drawn mode)"
+    )
     p.add_argument("--limit", type=int, default=None, help="the first N test studies (default: all)")
     p.add_argument("--unet-seconds", type=float, default=120.0, help="3D UNet training budget per K (0: no UNet)")
     p.add_argument("--cache", type=Path, default=Path(".cache/volumes"), help="slice features kept per study")
@@ -40,6 +43,13 @@ def main() -> None:
         default=400,
         help="episodes of the registration route's on-the-fly fine-tune on the K studies (0: no such row)",
     )
+    p.add_argument(
+        "--fusion",
+        choices=FUSIONS,
+        default="local",
+        help="how the registered atlases' labels are fused (local: locally weighted voting; the majority vote is "
+        "then scored beside it)",
+    )
     p.add_argument("--report-only", action="store_true", help="rewrite the report from --out's results.json")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -47,7 +57,7 @@ def main() -> None:
     model = build_model(a.backbone, "cpu", a.checkpoint, a.ppg_checkpoint)
     protocol = VolumeProtocol(
         model, a.folder, out, axis=a.axis, ks=a.ks, drawn=a.drawn, limit=a.limit, unet_seconds=a.unet_seconds,
-        cache_dir=a.cache / a.backbone, seed=a.seed,
+        cache_dir=a.cache / a.backbone, seed=a.seed, registration=AtlasRegistration(fusion=a.fusion),
         tune=RegistrationFineTune(episodes=a.tune_episodes) if a.tune_episodes > 0 else None,
     )  # fmt: skip
     results = protocol.load() if a.report_only else protocol.run()

@@ -12,7 +12,7 @@ from test_model import tiny_model
 
 from ppgseg.evaluation.baselines.volume import interpolate_slices, nearest_copy, registered_slices
 from ppgseg.evaluation.volumes import dice, drawn_positions
-from ppgseg.inference.atlas import AtlasRegistration, atlas_slice, fuse, to_sitk
+from ppgseg.inference.atlas import AtlasRegistration, Registered, atlas_slice, fuse, to_sitk
 from ppgseg.inference.volume import (
     LabelledSlices,
     encode_volume,
@@ -83,13 +83,34 @@ def test_registration_with_the_target_as_atlas_returns_the_atlas_and_moves_a_shi
         to_sitk(image[0])
 
 
-def test_fuse_is_a_majority_vote_with_background():
+def test_fuse_is_a_majority_vote_with_background_or_a_locally_weighted_one():
     a = np.zeros((2, 2, 1, 1), np.float32)
     a[0, 0], a[1, 1] = 1, 0.9
     b = np.zeros_like(a)
     b[0, 0] = 1
     c = np.zeros_like(a)
-    assert fuse([a, b, c], [1, 2])[:, 0, 0].tolist() == [1, 0]  # 2 of 3 say 1; 1 of 3 says 2, 2 say background
+    equal = [Registered(f, None) for f in (a, b, c)]
+    assert fuse(equal, [1, 2])[:, 0, 0].tolist() == [1, 0]  # 2 of 3 say 1; 1 of 3 says 2, 2 say background
+    trust_c_at_0 = np.array([1.0, 1.0])[:, None, None], np.array([1.0, 1.0])[:, None, None], np.array([5.0, 1.0])
+    weighted = [Registered(f, None, w.reshape(2, 1, 1)) for f, w in zip((a, b, c), trust_c_at_0, strict=True)]
+    assert fuse(weighted, [1, 2])[:, 0, 0].tolist() == [0, 0]  # c outweighs a and b at voxel 0
+
+
+def test_local_fusion_trusts_the_atlas_whose_registered_image_matches():
+    """Two atlases in place disagree: the one whose image matches the target wins where they disagree (locally
+    weighted voting), where an equal vote of two cannot side with it."""
+    image, label = ellipsoid()
+    noisy = image + torch.from_numpy(np.random.default_rng(0).normal(0, 60, image.shape)).float()
+    atlases = [(image, label), (noisy, torch.roll(label, 4, dims=0))]
+    local = AtlasRegistration(deformable=False, affine_iterations=1)
+    majority = AtlasRegistration(deformable=False, affine_iterations=1, fusion="majority")
+    fused, done = local(image, atlases, [1, 2])
+    assert float(done[0].weight.mean()) > 10 * float(done[1].weight.mean())
+    assert min(dice(fused, label, [1, 2]).values()) > 0.95
+    tied, done = majority(image, atlases, [1, 2])
+    assert done[0].weight is None and min(dice(tied, label, [1, 2]).values()) < 0.9
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        AtlasRegistration(fusion="staple")
 
 
 # --- the registration prompt -------------------------------------------------------------------------------------
@@ -207,8 +228,10 @@ def test_volume_protocol_runs_every_method_resumes_and_reports(tmp_path, coarse_
                               cache_dir=tmp_path / "cache", registration=reg)  # fmt: skip
     results = protocol.run()
     study = results["studies"]["s2"]
-    assert set(study["studies"]) == {"registration", "ppg_fixed_supports", "ppg_position_supports",
-                                     "ppg_registration_prompt", "unet3d", "litemedsam_gt_box"}  # fmt: skip
+    assert set(study["studies"]) == {"registration", "registration_local", "ppg_fixed_supports",
+                                     "ppg_position_supports", "ppg_registration_prompt", "unet3d",
+                                     "litemedsam_gt_box"}  # fmt: skip
+    assert results["fusion"] == "local"
     assert set(study["drawn"]) == {"nearest_slice_copy", "interpolation", "slice_registration",
                                    "ppg_drawn_fixed_supports", "ppg_propagation"}  # fmt: skip
     assert set(study["studies"]["registration"]) == {"1", "2"}

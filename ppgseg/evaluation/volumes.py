@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -165,6 +165,7 @@ class VolumeProtocol:
         path = self.out_dir / "results.json"
         results = json.loads(path.read_text()) if path.is_file() else {}
         results.update(labels={str(k): v for k, v in self.labels.items()}, axis=self.axis, ks=self.ks,
+                       fusion=self.registration.fusion,
                        drawn=self.drawn, atlases=[Path(i["image"]).name for i in self.atlas_items])  # fmt: skip
         studies = results.setdefault("studies", {})
         atlases = [VolumeStudy.read(i) for i in self.atlas_items]
@@ -177,9 +178,9 @@ class VolumeProtocol:
             if study.id in studies:
                 continue
             start = time.perf_counter()
-            k = 5 if 5 in self.ks else self.ks[-1]
+            k, n = 5 if 5 in self.ks else self.ks[-1], self.drawn[-1] if self.drawn else None
             self.shown = None if t else {"study": study.id, "image": study.image, "truth": study.label, "k": k,
-                                         "n": self.drawn[-1], "studies": {}, "drawn": {}}  # fmt: skip
+                                         "n": n, "studies": {}, "drawn": {}}  # fmt: skip
             studies[study.id] = {"studies": self.from_studies(study, atlases, banks, unets, tuned),
                                  "drawn": self.from_drawn(study)}  # fmt: skip
             logger.info(f"{study.id}: {time.perf_counter() - start:.0f} s")
@@ -248,8 +249,11 @@ class VolumeProtocol:
             reg_seconds.append(sec)
         for k in self.ks:
             bank = LabelledSlices.cat(banks[:k])
-            fractions = [r.fractions for r in registered[:k]]
-            self.score(out, "registration", k, fuse(fractions, self.label_ids), truth, sum(reg_seconds[:k]))
+            equal = [replace(r, weight=None) for r in registered[:k]]
+            self.score(out, "registration", k, fuse(equal, self.label_ids), truth, sum(reg_seconds[:k]))
+            if self.registration.fusion == "local":
+                fused = fuse(registered[:k], self.label_ids)
+                self.score(out, "registration_local", k, fused, truth, sum(reg_seconds[:k]))
             m, ids, regs = self.model, self.label_ids, registered[:k]
             spacings = [a.spacing for a in atlases[:k]]
             where = dict(shape=study.image.shape, spacing=study.spacing, atlas_spacings=spacings)

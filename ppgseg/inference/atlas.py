@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 import torch
+from scipy.ndimage import gaussian_filter
 from torch import Tensor
 
 
@@ -35,6 +36,7 @@ class Registered:
 
     fractions: np.ndarray
     transform: sitk.Transform
+    weight: np.ndarray | None = None  # (X, Y, Z) local similarity to the target, for weighted fusion (None: equal)
 
 
 class AtlasRegistration:
@@ -43,10 +45,15 @@ class AtlasRegistration:
     Each atlas is aligned by an affine transform (centred by image moments, then Mattes mutual information with a
     regular-step gradient descent over two resolutions) and, with ``deformable``, by diffeomorphic demons on the
     affinely resampled, histogram-matched image. Its labels go through both as one-hot masks with linear
-    interpolation; the fused label is the majority (plurality) vote of the atlases, background included.
+    interpolation. The fused label is the (plurality) vote of the atlases, background included: each atlas counts
+    once (``fusion="majority"``), or at each voxel by how well its registered image matches the target there
+    (``fusion="local"``, locally weighted voting: the inverse of the Gaussian-smoothed squared intensity difference,
+    intensities scaled between their 1st and 99th percentiles).
 
     Args:
         deformable: add the demons stage after the affine one.
+        fusion: "majority" or "local".
+        local_sigma: standard deviation (voxels) of the neighbourhood of the local weights.
         affine_iterations: gradient-descent iterations per resolution.
         demons_iterations: demons iterations.
         demons_smoothing: standard deviation (voxels) of the demons displacement smoothing.
@@ -59,9 +66,14 @@ class AtlasRegistration:
         affine_iterations: int = 100,
         demons_iterations: int = 50,
         demons_smoothing: float = 1.5,
+        fusion: str = "local",
+        local_sigma: float = 1.0,
     ) -> None:
         if affine_iterations < 1 or demons_iterations < 1:
             raise ValueError("affine_iterations and demons_iterations must be >= 1")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        self.fusion, self.local_sigma = fusion, local_sigma
         self.deformable = deformable
         self.affine_iterations, self.demons_iterations = affine_iterations, demons_iterations
         self.demons_smoothing = demons_smoothing
@@ -92,6 +104,7 @@ class AtlasRegistration:
         self, fixed: sitk.Image, moving: sitk.Image, label: np.ndarray, label_ids: Sequence[int]
     ) -> Registered:
         """One atlas (``moving`` with its (X, Y, Z) ``label`` map) onto ``fixed``."""
+        target, atlas = fixed, moving
         fixed, moving = (sitk.RescaleIntensity(i, 0.0, 1.0) for i in (fixed, moving))
         transform: sitk.Transform = self.affine(fixed, moving)
         if self.deformable:
@@ -107,7 +120,12 @@ class AtlasRegistration:
         for i in label_ids:
             one = to_sitk((label == i).astype(np.float32), moving.GetSpacing())
             fractions.append(from_sitk(sitk.Resample(one, fixed, transform, sitk.sitkLinear, 0.0)))
-        return Registered(np.stack(fractions), transform)
+        weight = None
+        if self.fusion == "local":
+            moved = from_sitk(sitk.Resample(atlas, target, transform, sitk.sitkLinear, 0.0))
+            difference = (robust_unit(moved) - robust_unit(from_sitk(target))) ** 2
+            weight = 1.0 / (gaussian_filter(difference, self.local_sigma) + 1e-3)
+        return Registered(np.stack(fractions), transform, weight)
 
     def __call__(
         self,
@@ -122,22 +140,36 @@ class AtlasRegistration:
             raise ValueError("atlases is empty: give at least one labelled study")
         fixed = to_sitk(target, spacing)
         done = [self.register(fixed, to_sitk(img, spacing), np.asarray(lab), label_ids) for img, lab in atlases]
-        return fuse([r.fractions for r in done], label_ids), done
+        return fuse(done, label_ids), done
 
 
-def vote(fractions: Sequence[np.ndarray]) -> np.ndarray:
-    """The atlases' mean vote (N, X, Y, Z): each atlas votes for the label with the largest fraction at a voxel
-    (background where all are below a half)."""
-    votes = []
-    for f in fractions:
+FUSIONS = ("majority", "local")
+
+
+def robust_unit(a: np.ndarray) -> np.ndarray:
+    """Intensities scaled so that their 1st and 99th percentiles are 0 and 1, clipped to [0, 1]."""
+    lo, hi = np.percentile(a, [1, 99])
+    return np.clip((a - lo) / max(hi - lo, 1e-8), 0, 1)
+
+
+def vote(registered: Sequence[Registered]) -> np.ndarray:
+    """The atlases' vote (N, X, Y, Z) as shares in [0, 1]: each atlas votes for the label with the largest fraction
+    at a voxel (background where all are below a half), with equal weight or, where its registration has one, its
+    local weight."""
+    votes, weights = [], []
+    for r in registered:
+        f = r.fractions
         winner = np.where(f.max(0) >= 0.5, f.argmax(0), -1)
         votes.append(np.stack([winner == n for n in range(len(f))]).astype(np.float32))
-    return np.mean(votes, axis=0)
+        weights.append(np.ones(f.shape[1:], np.float32) if r.weight is None else r.weight.astype(np.float32))
+    total = np.sum(weights, axis=0)
+    return (np.sum([w * v for w, v in zip(weights, votes, strict=True)], axis=0) / total).astype(np.float32)
 
 
-def fuse(fractions: Sequence[np.ndarray], label_ids: Sequence[int]) -> Tensor:
-    """Majority vote: at each voxel the label most atlases vote for, background where it outnumbers each label."""
-    v = vote(fractions)
+def fuse(registered: Sequence[Registered], label_ids: Sequence[int]) -> Tensor:
+    """The fused label map: at each voxel the label with the largest vote (`vote`), background where its share
+    outweighs each label's."""
+    v = vote(registered)
     background = 1.0 - v.sum(0)
     ids = np.array([0, *label_ids], dtype=np.uint8)
     return torch.from_numpy(ids[np.concatenate([background[None], v]).argmax(0)])

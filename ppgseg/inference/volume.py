@@ -229,7 +229,7 @@ def segment_registered(
     supports = position_supports(bank, at, volume.vectors)
     prior = None
     if prompt:
-        prior = as_slices(torch.from_numpy(vote([r.fractions for r in registered])), axis)  # (Z, N, H, W)
+        prior = as_slices(torch.from_numpy(vote(registered)), axis)  # (Z, N, H, W)
     return segment_slices(model, volume, bank, supports, label_ids, prior=prior, blend=blend)
 
 

@@ -120,7 +120,7 @@ class SupportWeights:
         if s.atlas_episodes == 0 or len(stamps) < 2 or set(stamps) <= self.trained_on:
             self._load(self.base)
             return self.description
-        key = digest(self.base_key, "registration/1", list(stamps), list(label_ids), axis, s.atlas_episodes, s.atlas_lr,
+        key = digest(self.base_key, "registration/2", list(stamps), list(label_ids), axis, s.atlas_episodes, s.atlas_lr,
                      s.seed)  # fmt: skip
         description = self._kept(key)
         if description is None:

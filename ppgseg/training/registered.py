@@ -83,7 +83,7 @@ class RegisteredEpisodes:
                 where = [atlas_slice(r, shape, axis, z, spacings[i], spacings[j]) for z in range(z_all)]
                 at[:, j] = torch.tensor(where)
             self.supports.append(position_supports(self.bank, at, a.encoded.vectors))
-            prior = as_slices(torch.from_numpy(vote([r.fractions for r in registered[i]])), axis)  # (Z, N, H, W)
+            prior = as_slices(torch.from_numpy(vote(registered[i])), axis)  # (Z, N, H, W)
             self.priors.append(in_frame(model, prior, a.encoded.size))
             asks = self.priors[i].flatten(2).amax(2) >= 0.5
             self.items += [(i, z) for z in range(z_all) if self.supports[i][z] and bool(asks[z].any())]
