@@ -29,7 +29,9 @@ def main() -> None:
     p.add_argument("--backbone", default="litemedsam")
     p.add_argument("--checkpoint", default=None, help="the backbone's weights (SAM / SAM 2)")
     p.add_argument("--axis", type=int, default=2, help="slicing axis of the (X, Y, Z) volumes")
-    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5, 10], help="numbers of labelled studies")
+    p.add_argument(
+        "--ks", type=int, nargs="*", default=[1, 2, 5, 10], help="numbers of labelled studies (none: no such mode)"
+    )
     p.add_argument(
         "--drawn", type=int, nargs="*", default=[1, 2, 3], help="numbers of drawn slices (none: no drawn mode)"
     )

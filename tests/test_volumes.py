@@ -12,7 +12,7 @@ from test_model import tiny_model
 
 from ppgseg.evaluation.baselines.volume import interpolate_slices, nearest_copy, registered_slices
 from ppgseg.evaluation.volumes import dice, drawn_positions
-from ppgseg.inference.atlas import AtlasRegistration, Registered, atlas_slice, fuse, to_sitk
+from ppgseg.inference.atlas import AtlasRegistration, Registered, atlas_slice, carry_between, fuse, to_sitk
 from ppgseg.inference.volume import (
     LabelledSlices,
     encode_volume,
@@ -202,6 +202,25 @@ def test_interpolation_and_nearest_copy_between_drawn_slices():
     assert d_inter > 0.95 and d_inter > d_copy, (d_inter, d_copy)
 
 
+def test_slice_registration_carries_from_both_drawn_ends_and_an_object_ends_halfway_to_a_not_here_slice():
+    """A disc that moves 1.5 voxels per slice, drawn on slices 2 and 10: every slice between gets it from both ends
+    and follows it. Drawn on 2 and erased on 6 ("not here"): it is kept on slice 3, where slice 2's chain weighs
+    three quarters, and gone from the halfway slice 4 on; below slice 2 it goes on."""
+    z_all, size = 13, (40, 48)
+    yy, xx = torch.meshgrid(torch.arange(size[0]), torch.arange(size[1]), indexing="ij")
+    truth = torch.stack([((yy - 20) ** 2 + (xx - 6 - 1.5 * z) ** 2 <= 36).to(torch.uint8) for z in range(z_all)])
+    g = torch.Generator().manual_seed(0)
+    image = 30.0 + 120.0 * truth.float() + 4 * torch.randn(truth.shape, generator=g)
+    both = registered_slices({2: truth[2], 10: truth[10]}, image, [1])
+    for z in range(3, 10):
+        assert dice(both[z], truth[z], [1])[1] > 0.85, z
+    fractions = carry_between(image.numpy(), {2: truth[2][None].float().numpy(), 10: truth[10][None].float().numpy()})
+    assert fractions.shape == (z_all, 1, *size) and np.array_equal(fractions[2, 0], truth[2].numpy())
+    ended = registered_slices({2: truth[2], 6: torch.zeros_like(truth[6])}, image, [1])
+    assert dice(ended[3], truth[3], [1])[1] > 0.85 and dice(ended[1], truth[1], [1])[1] > 0.85
+    assert not ended[4:].any()
+
+
 # --- the protocol end to end -------------------------------------------------------------------------------------
 def test_volume_protocol_runs_every_method_resumes_and_reports(tmp_path, coarse_model):
     import nibabel as nib
@@ -250,6 +269,13 @@ def test_volume_protocol_runs_every_method_resumes_and_reports(tmp_path, coarse_
     text = report.read_text()
     assert "multi-atlas registration" in text and "PPG propagation" in text and "## Targets" in text
     assert (out / "dice_vs_k.png").is_file() and (out / "overlays.png").is_file()
+    # a run of one mode only (--ks or --drawn with no value) reports that mode alone
+    studies_only = {**results, "drawn": [], "studies": {s: {**r, "drawn": {}} for s, r in results["studies"].items()}}
+    text = write_volume_report(studies_only, tmp_path / "studies_only").read_text()
+    assert "## Labelled studies" in text and "## Drawn slices" not in text and "PPG propagation" not in text
+    drawn_only = {**results, "ks": [], "studies": {s: {**r, "studies": {}} for s, r in results["studies"].items()}}
+    text = write_volume_report(drawn_only, tmp_path / "drawn_only").read_text()
+    assert "## Labelled studies" not in text and "PPG propagation" in text
 
 
 # --- the bundle's folder inference ---------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ NAMES = {
     "litemedsam_gt_box": "LiteMedSAM, ground-truth box on every slice (oracle)",
     "nearest_slice_copy": "nearest drawn slice copied",
     "interpolation": "shape-based interpolation (Fill between slices)",
-    "slice_registration": "each slice registered onto the next, outward from the drawn ones (2D demons, no model)",
+    "slice_registration": "each slice registered onto the next from the drawn ones on both sides (2D demons, no model)",
     "ppg_drawn_fixed_supports": "PPG, the drawn slices as fixed supports",
     "ppg_propagation": "PPG propagation from the drawn slices",
 }
@@ -71,7 +71,7 @@ def _table(scores: dict, times: dict, keys: list[str], head: str) -> list[str]:
 def per_study_table(results: dict) -> list[str]:
     """3D Dice of each study (mean over labels): every studies-mode method at K = 5 (the largest K without it) beside
     registration, and every drawn-mode method at the most drawn slices."""
-    k = "5" if 5 in results["ks"] else str(results["ks"][-1])
+    k = ("5" if 5 in results["ks"] else str(results["ks"][-1])) if results["ks"] else None
     n = str(results["drawn"][-1]) if results["drawn"] else None
     studies, drawn = per_study(results, "studies"), per_study(results, "drawn")
     cols = [(m, by.get(k, by.get("all"))) for m, by in studies.items()]
@@ -81,7 +81,8 @@ def per_study_table(results: dict) -> list[str]:
              "|---|" + "---|" * len(cols)]  # fmt: skip
     for r, sid in enumerate(results["studies"]):
         lines.append(f"| {sid} | " + " | ".join(f"{a[r].mean():.3f}" for _, a in cols) + " |")
-    return [f"## Per study (3D Dice, mean over labels; K = {k})", "", *lines, ""]
+    at = f"; K = {k}" if k else ""
+    return [f"## Per study (3D Dice, mean over labels{at})", "", *lines, ""]
 
 
 def targets(results: dict) -> list[str]:
@@ -115,7 +116,8 @@ def figure(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = [("studies", "labelled studies K")] + ([("drawn", "drawn slices n")] if results["drawn"] else [])
+    modes = [(m, head) for m, head, key in (("studies", "labelled studies K", "ks"), ("drawn", "drawn slices n",
+             "drawn")) if results[key]]  # fmt: skip
     fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.2), squeeze=False)
     for ax, (mode, head) in zip(axes[0], modes, strict=True):
         for method, by_key in per_study(results, mode).items():
@@ -167,29 +169,31 @@ def overlays(shown: dict, label_ids: list[int], path: Path) -> None:
     plt.close(fig)
 
 
-def drawn_section(results: dict) -> list[str]:
-    """The drawn-slices table, or nothing when the run had no drawn mode."""
-    if not results["drawn"]:
+def section(results: dict, mode: str) -> list[str]:
+    """The table of one mode ("studies" or "drawn"), or nothing when the run had no such mode."""
+    keys = [str(k) for k in results["ks" if mode == "studies" else "drawn"]]
+    if not keys:
         return []
-    return [
-        "## Drawn slices of the study → the rest of it",
-        "",
-        "n slices spread over the object's extent; Dice on the slices not drawn.",
-        "",
-        *_table(per_study(results, "drawn"), seconds(results, "drawn"), [str(d) for d in results["drawn"]], "n"),
-        "",
-    ]
+    if mode == "studies":
+        atlases = ", ".join(results["atlases"])
+        head = ["## Labelled studies → a new study", "",
+                f"Atlases (first K of a seeded order of the training split): {atlases}."]  # fmt: skip
+    else:
+        head = ["## Drawn slices of the study → the rest of it", "",
+                "n slices spread over the object's extent; Dice on the slices not drawn."]  # fmt: skip
+    table = _table(per_study(results, mode), seconds(results, mode), keys, "K" if mode == "studies" else "n")
+    return [*head, "", *table, ""]
 
 
 def write_volume_report(results: dict, out_dir: str | Path, *, note: str = "") -> Path:
     """report.md, dice_vs_k.png and overlays.png (from the run's overlays.pt) beside ``results.json``."""
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     figure(results, out / "dice_vs_k.png")
     shown = out / "overlays.pt"
     if shown.is_file():
         overlays(torch.load(shown, weights_only=False), [int(k) for k in results["labels"]], out / "overlays.png")
     n = len(results["studies"])
-    ks = [str(k) for k in results["ks"]]
     lines = [
         f"# Volume protocol: {out.name}",
         "",
@@ -197,13 +201,8 @@ def write_volume_report(results: dict, out_dir: str | Path, *, note: str = "") -
         f"{', '.join(results['labels'].values())}. Mean Dice over the labels, ± the standard deviation over studies. "
         + note,
         "",
-        "## Labelled studies → a new study",
-        "",
-        f"Atlases (first K of a seeded order of the training split): {', '.join(results['atlases'])}.",
-        "",
-        *_table(per_study(results, "studies"), seconds(results, "studies"), ks, "K"),
-        "",
-        *drawn_section(results),
+        *section(results, "studies"),
+        *section(results, "drawn"),
         *per_study_table(results),
         "## Targets",
         "",

@@ -105,8 +105,8 @@ class VolumeProtocol:
         folder: data-contract folder with ``training`` and ``test`` lists of volumes.
         out_dir: where ``results.json`` is written (and read back to resume).
         axis: slicing axis.
-        ks: numbers of labelled studies.
-        drawn: numbers of drawn slices.
+        ks: numbers of labelled studies (empty: no labelled-studies mode).
+        drawn: numbers of drawn slices (empty: no drawn mode).
         limit: test studies to run (the first ones of the list); None: all.
         unet_seconds: the 3D UNet's training budget per K (0: no UNet row).
         cache_dir: where slice features are kept per study (None: not kept).
@@ -131,7 +131,7 @@ class VolumeProtocol:
         if self.label_ids != list(range(1, len(self.label_ids) + 1)):
             raise ValueError(f"{self.folder / 'dataset.json'}: label ids must be 1..N, got {self.label_ids}")
         order = np.random.default_rng(seed).permutation(len(read_split(folder, "training")))
-        self.atlas_items = [read_split(folder, "training")[int(i)] for i in order[: self.ks[-1]]]
+        self.atlas_items = [read_split(folder, "training")[int(i)] for i in order[: max(self.ks, default=0)]]
         self.test_items = read_split(folder, "test")[:limit]
         self.registration = registration or AtlasRegistration()
         self.tune = tune
@@ -178,10 +178,11 @@ class VolumeProtocol:
             if study.id in studies:
                 continue
             start = time.perf_counter()
-            k, n = 5 if 5 in self.ks else self.ks[-1], self.drawn[-1] if self.drawn else None
+            k = (5 if 5 in self.ks else self.ks[-1]) if self.ks else None
+            n = self.drawn[-1] if self.drawn else None
             self.shown = None if t else {"study": study.id, "image": study.image, "truth": study.label, "k": k,
                                          "n": n, "studies": {}, "drawn": {}}  # fmt: skip
-            studies[study.id] = {"studies": self.from_studies(study, atlases, banks, unets, tuned),
+            studies[study.id] = {"studies": self.from_studies(study, atlases, banks, unets, tuned) if self.ks else {},
                                  "drawn": self.from_drawn(study)}  # fmt: skip
             logger.info(f"{study.id}: {time.perf_counter() - start:.0f} s")
             self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -203,3 +203,38 @@ def warp_to_slice(moving: np.ndarray, fixed: np.ndarray, masks: np.ndarray, *, i
         one = sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.float32))
         out.append(sitk.GetArrayFromImage(sitk.Resample(one, f, transform, sitk.sitkLinear, 0.0)))
     return np.stack(out)
+
+
+def carry_between(slices: np.ndarray, drawn: dict[int, np.ndarray]) -> np.ndarray:
+    """(Z, N, H, W) fractions: the (N, H, W) masks of the ``drawn`` slices carried to every slice of the (Z, H, W)
+    ``slices`` by chains of `warp_to_slice`, one slice a step. Between two drawn slices the chains from both ends are
+    mixed by distance (the nearer end weighs more: an object drawn on one and absent from the other ends halfway);
+    beyond the outermost drawn slice on each side, its own chain. Fractions are carried, never thresholded on the
+    way, so an outline that thins is not cut at each step."""
+    if not drawn:
+        raise ValueError("drawn is empty: give at least one drawn slice")
+    keys = sorted(drawn)
+    out = np.zeros((len(slices), *np.shape(drawn[keys[0]])), dtype=np.float32)
+    for z in keys:
+        out[z] = drawn[z]
+    for start, stop in ((keys[0], -1), (keys[-1], len(slices))):
+        for z, masks in _chain(slices, start, stop, drawn[start]).items():
+            out[z] = masks
+    for a, b in zip(keys, keys[1:], strict=False):
+        up, down = _chain(slices, a, b, drawn[a]), _chain(slices, b, a, drawn[b])
+        for z in range(a + 1, b):
+            w = (z - a) / (b - a)
+            out[z] = (1 - w) * up[z] + w * down[z]
+    return out
+
+
+def _chain(slices: np.ndarray, start: int, stop: int, masks: np.ndarray) -> dict[int, np.ndarray]:
+    """Slice index -> ``masks`` of slice ``start`` carried there step by step, for the slices from ``start`` towards
+    ``stop`` (both excluded)."""
+    step = 1 if stop > start else -1
+    out, current = {}, np.asarray(masks, dtype=np.float32)
+    for z in range(start + step, stop, step):
+        if current.max(initial=0) > 0.5:  # below a half nowhere: nothing left to carry
+            current = warp_to_slice(slices[z - step], slices[z], current)
+        out[z] = current
+    return out

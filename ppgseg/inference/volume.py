@@ -18,7 +18,7 @@ from ..io import voxel_spacing
 from ..lora import merged_lora
 from ..modeling.generator import Selected, SupportEmbedding
 from ..modeling.proxy_sam import ProxyPromptSAM
-from .atlas import AtlasRegistration, Registered, atlas_slice, to_sitk, vote, warp_to_slice
+from .atlas import AtlasRegistration, Registered, atlas_slice, carry_between, to_sitk, vote
 from .slices import as_slices, encode_slices, to_label
 
 
@@ -289,12 +289,12 @@ def propagate(
     map (all-zero: the object is not there).
 
     Slices are taken in order of their distance to the nearest drawn slice. Each is prompted by its ``supports``
-    nearest labelled slices (drawn or segmented before it), the nearest one's masks carried into the decoder's dense
-    slot (the registration prompt with the neighbour as the atlas), and mixed with the decoder's result with weight
-    ``blend``. With ``slices`` (Z, H, W), the volume's slices as read, the nearest one's masks are first carried onto
-    the slice by 2D registration (`warp_to_slice`) instead of copied. Beyond the outermost drawn slice on either side,
-    an object stops where its mask comes back empty or with a predicted IoU below ``min_iou``: no slice further out
-    gets it.
+    nearest labelled slices (drawn or segmented before it) and a carried mask in the decoder's dense slot (the
+    registration prompt with the drawn slices as the atlas), mixed with the decoder's result with weight ``blend``.
+    With ``slices`` (Z, H, W), the volume's slices as read, the carried masks are the drawn ones brought to the slice
+    by chains of 2D registrations from both sides (`carry_between`, fractions); without, the nearest labelled
+    slice's masks, copied. Beyond the outermost drawn slice on either side, an object stops where its mask comes back
+    empty or with a predicted IoU below ``min_iou``: no slice further out gets it.
     """
     if not drawn:
         raise ValueError("drawn is empty: give at least one drawn slice")
@@ -310,16 +310,16 @@ def propagate(
     geo = model.backbone.geometry(volume.size)
     device = model.backbone.device
     order = outward(drawn, z_all)
+    chained = None
+    if slices is not None:
+        chained = torch.from_numpy(carry_between(slices.numpy(), {z: m.numpy() for z, m in labels.items()}))
     with torch.no_grad(), merged_lora(model):
         for z in order:
             side = 0 if z < lo else 1 if z > hi else None
             active = ~ended[side] if side is not None else torch.ones(n, dtype=torch.bool)
             near = sorted(labels, key=lambda d: (abs(d - z), d))[:supports]
             masks = in_frame(model, torch.stack([labels[d] for d in near]), volume.size)
-            carried = labels[near[0]]
-            if slices is not None and bool(carried.any()):
-                moved = warp_to_slice(slices[near[0]].numpy(), slices[z].numpy(), carried.numpy())
-                carried = torch.from_numpy(moved).clamp(0, 1)
+            carried = labels[near[0]] if chained is None else chained[z].clamp(0, 1)
             emb = model.encode_prepared_support(
                 volume.x[near].to(device), (masks > 0.5).float().to(device), Features(grid[near].to(device))
             )

@@ -17,9 +17,9 @@ from monai.transforms.utils import distance_transform_edt
 from torch import Tensor
 
 from ...backbones.base import mask_box
-from ...inference.atlas import warp_to_slice
+from ...inference.atlas import carry_between
 from ...inference.slices import to_label
-from ...inference.volume import EncodedVolume, outward
+from ...inference.volume import EncodedVolume
 from ...modeling.proxy_sam import ProxyPromptSAM
 
 
@@ -30,17 +30,12 @@ def nearest_copy(drawn: dict[int, Tensor], depth: int) -> Tensor:
 
 
 def registered_slices(drawn: dict[int, Tensor], slices: Tensor, label_ids: Sequence[int]) -> Tensor:
-    """(Z, H, W): slice-to-slice registration. Outward from the drawn slices, each slice gets the label map of its
-    nearest labelled neighbour (drawn, or done before it), carried onto it by 2D demons registration of the
-    neighbour's image onto its own (`warp_to_slice`); no model. ``slices`` (Z, H, W): the volume's images."""
-    labels = {z: torch.stack([lab == i for i in label_ids]).float() for z, lab in drawn.items()}
-    for z in outward(drawn, len(slices)):
-        near = min(labels, key=lambda d: (abs(d - z), d))
-        carried = labels[near]
-        if bool(carried.any()):
-            carried = torch.from_numpy(warp_to_slice(slices[near].numpy(), slices[z].numpy(), carried.numpy()))
-        labels[z] = (carried > 0.5).float()
-    return to_label(torch.stack([labels[z] for z in range(len(slices))]), label_ids)
+    """(Z, H, W): slice-to-slice registration, no model. The drawn label maps carried to every slice by chains of 2D
+    demons registrations of each slice onto the next (`carry_between`: from both drawn ends between two drawn slices,
+    mixed by distance), each object kept where its fraction is above a half. ``slices`` (Z, H, W): the volume's
+    images."""
+    masks = {z: torch.stack([lab == i for i in label_ids]).float().numpy() for z, lab in drawn.items()}
+    return to_label(torch.from_numpy(carry_between(slices.numpy(), masks)) - 0.5, label_ids)
 
 
 def signed_distance(mask: np.ndarray) -> np.ndarray:
