@@ -8,27 +8,21 @@ stopped run resumes), report.md, dice_vs_k.png and overlays.png into --out.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
 from ppgseg.build import build_model
 from ppgseg.evaluation.volume_report import write_volume_report
-from ppgseg.evaluation.volumes import VolumeProtocol
+from ppgseg.evaluation.volumes import BUNDLE_WEIGHTS, VolumeProtocol, volume_parser
 from ppgseg.inference.atlas import FUSIONS, AtlasRegistration
 from ppgseg.training.registered import RegistrationFineTune
 
-BUNDLE_WEIGHTS = Path(__file__).resolve().parents[1] / "bundle" / "models" / "model.pt"
-
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder", type=Path, help="data-contract folder with training and test volumes")
+    p = volume_parser(
+        __doc__, "data-contract folder with training and test volumes", "PPG weights (default: the bundle's)"
+    )
     p.add_argument("--out", type=Path, default=None, help="default: reports/volumes/<folder name>")
-    p.add_argument("--ppg-checkpoint", type=Path, default=BUNDLE_WEIGHTS, help="PPG weights (default: the bundle's)")
-    p.add_argument("--backbone", default="litemedsam")
-    p.add_argument("--checkpoint", default=None, help="the backbone's weights (SAM / SAM 2)")
-    p.add_argument("--axis", type=int, default=2, help="slicing axis of the (X, Y, Z) volumes")
     p.add_argument(
         "--ks", type=int, nargs="*", default=[1, 2, 5, 10], help="numbers of labelled studies (none: no such mode)"
     )
@@ -37,8 +31,6 @@ def main() -> None:
     )
     p.add_argument("--limit", type=int, default=None, help="the first N test studies (default: all)")
     p.add_argument("--unet-seconds", type=float, default=120.0, help="3D UNet training budget per K (0: no UNet)")
-    p.add_argument("--cache", type=Path, default=Path(".cache/volumes"), help="slice features kept per study")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--tune-episodes",
         type=int,
@@ -51,6 +43,9 @@ def main() -> None:
         default="local",
         help="how the registered atlases' labels are fused (local: locally weighted voting; the majority vote is "
         "then scored beside it)",
+    )
+    p.add_argument(
+        "--trained-on", default=None, help="what --ppg-checkpoint was trained on from this set, for the report"
     )
     p.add_argument("--report-only", action="store_true", help="rewrite the report from --out's results.json")
     a = p.parse_args()
@@ -65,7 +60,9 @@ def main() -> None:
     results = protocol.load() if a.report_only else protocol.run()
     weights = a.ppg_checkpoint.name if a.ppg_checkpoint == BUNDLE_WEIGHTS else str(a.ppg_checkpoint)
     trained = (
-        "the only training on this set is the registration route's on-the-fly fine-tune on the K labelled "
+        f"trained offline on {a.trained_on}; the test studies are never trained on"
+        if a.trained_on
+        else "the only training on this set is the registration route's on-the-fly fine-tune on the K labelled "
         f"studies, {a.tune_episodes} episodes"
         if a.tune_episodes
         else "no training on this set"

@@ -10,6 +10,7 @@ Results are written after every study and a run picks up where an earlier one st
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -40,6 +41,7 @@ from ..inference.volume import (
 from ..io import read_image
 from ..modeling.proxy_sam import ProxyPromptSAM
 from ..training.finetune import snapshot
+from ..training.propagation import drawn_positions
 from ..training.registered import RegisteredEpisodes, RegistrationFineTune, cross_register
 from .baselines.volume import UNetPeer, box_slices, interpolate_slices, nearest_copy, registered_slices
 
@@ -66,6 +68,36 @@ class VolumeStudy:
         return VolumeStudy(name, image.as_tensor()[0].float(), label.as_tensor()[0].round().to(torch.uint8), spacing)
 
 
+BUNDLE_WEIGHTS = Path(__file__).resolve().parents[2] / "bundle" / "models" / "model.pt"  # in a checkout
+
+
+def volume_parser(doc: str, folder_help: str, weights_help: str) -> argparse.ArgumentParser:
+    """The command line the volume scripts share: the data-contract ``folder``, the model (PPG weights default: the
+    bundle's), the slicing axis, the slice-feature cache and the seed."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", type=Path, help=folder_help)
+    p.add_argument("--ppg-checkpoint", type=Path, default=BUNDLE_WEIGHTS, help=weights_help)
+    p.add_argument("--backbone", default="litemedsam")
+    p.add_argument("--checkpoint", default=None, help="the backbone's weights (SAM / SAM 2)")
+    p.add_argument("--axis", type=int, default=2, help="slicing axis of the (X, Y, Z) volumes")
+    p.add_argument("--cache", type=Path, default=Path(".cache/volumes"), help="slice features kept per study")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def encoded_study(model: ProxyPromptSAM, study: VolumeStudy, axis: int, cache_dir: Path | None) -> EncodedVolume:
+    """``study``'s slices along ``axis`` encoded (`encode_volume`), kept in ``cache_dir`` by study id (None: not
+    kept)."""
+    path = None if cache_dir is None else Path(cache_dir) / f"{study.id}_axis{axis}.pt"
+    if path is not None and path.is_file():
+        return torch.load(path, weights_only=False)
+    enc = encode_volume(model, study.image[None], axis)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(enc, path)
+    return enc
+
+
 def dice(pred: Tensor, truth: Tensor, label_ids: Sequence[int], keep: Tensor | None = None) -> dict[int, float]:
     """Dice per label id over the voxels in ``keep`` (all by default); 1 where both are empty."""
     if keep is not None:
@@ -76,14 +108,6 @@ def dice(pred: Tensor, truth: Tensor, label_ids: Sequence[int], keep: Tensor | N
         total = int(p.sum()) + int(t.sum())
         out[i] = 1.0 if total == 0 else 2 * int((p & t).sum()) / total
     return out
-
-
-def drawn_positions(label: Tensor, axis: int, n: int) -> list[int]:
-    """``n`` slice indices along ``axis`` spread over the object's extent (at (i + 1) / (n + 1) of it)."""
-    other = tuple(d for d in range(label.dim()) if d != axis)
-    zs = label.bool().any(dim=other).nonzero()[:, 0]
-    lo, hi = int(zs.min()), int(zs.max())
-    return sorted({lo + round((hi - lo) * (i + 1) / (n + 1)) for i in range(n)})
 
 
 def fixed_rows(bank: LabelledSlices, k: int, count: int = 3) -> list[int]:
@@ -139,14 +163,7 @@ class VolumeProtocol:
 
     # --- encoding ----------------------------------------------------------------------------------------------
     def encoded(self, study: VolumeStudy) -> EncodedVolume:
-        path = None if self.cache_dir is None else self.cache_dir / f"{study.id}_axis{self.axis}.pt"
-        if path is not None and path.is_file():
-            return torch.load(path, weights_only=False)
-        enc = encode_volume(self.model, study.image[None], self.axis)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(enc, path)
-        return enc
+        return encoded_study(self.model, study, self.axis, self.cache_dir)
 
     def slices(self, volume: Tensor) -> Tensor:
         return as_slices(volume[None], self.axis)[:, 0]
