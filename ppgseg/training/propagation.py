@@ -8,14 +8,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..backbones.base import Features
 from ..inference.atlas import carry_between
 from ..inference.slices import as_slices
-from ..inference.volume import EncodedVolume, decode_with_prior, in_frame
+from ..inference.volume import EncodedVolume, in_frame
 from ..modeling.proxy_sam import ProxyPromptSAM
+from .registered import prior_episode
 
 
 def drawn_positions(label: Tensor, axis: int, n: int) -> list[int]:
@@ -103,9 +103,4 @@ class PropagationEpisodes:
             volume.x[near].to(device), self.masks[s][near].to(device), Features(self.grids[s][near].to(device))
         )
         f = volume.features.select([z]).to(device)
-        prior = self.carried[s][z : z + 1].to(device)
-        asked = prior.flatten(2).amax(2) >= 0.5
-        low, _ = decode_with_prior(model, f, model.select(f, emb), prior, asked)
-        truth = F.interpolate(self.truth[s][z : z + 1].to(device), size=low.shape[-2:], mode="area") > 0.5
-        keep = asked[0]
-        return low[:, keep], truth[:, keep].float()
+        return prior_episode(model, f, model.select(f, emb), self.carried[s][z : z + 1], self.truth[s][z : z + 1])

@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import Tensor
 
+from ..backbones.base import Features
 from ..inference.atlas import AtlasRegistration, Registered, atlas_slice, to_sitk, vote
 from ..inference.slices import as_slices
 from ..inference.volume import Atlas, LabelledSlices, decode_with_prior, in_frame, position_supports
 from ..io import voxel_spacing
+from ..modeling.generator import Selected
 from ..modeling.proxy_sam import ProxyPromptSAM
 from .finetune import snapshot
 from .loop import make_optimizer
@@ -98,14 +100,24 @@ class RegisteredEpisodes:
         i, z = self.items[item]
         device = model.backbone.device
         f = self.atlases[i].encoded.features.select([z]).to(device)
-        prior = self.priors[i][z : z + 1].to(device)
-        asked = prior.flatten(2).amax(2) >= 0.5
         selected = model.select(f, self.bank.embedding(model, self.supports[i][z]))
-        low, _ = decode_with_prior(model, f, selected, prior, asked)
         row = int(((self.bank.study == i) & (self.bank.index == z)).nonzero()[0, 0])
-        truth = F.interpolate(self.bank.masks[row : row + 1].to(device), size=low.shape[-2:], mode="area") > 0.5
-        keep = asked[0]
-        return low[:, keep], truth[:, keep].float()
+        return prior_episode(model, f, selected, self.priors[i][z : z + 1], self.bank.masks[row : row + 1])
+
+
+def prior_episode(
+    model: ProxyPromptSAM, f: Features, selected: Selected, prior: Tensor, truth: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One slice decoded with ``prior`` (1, N, S, S) fractions in the dense slot (`decode_with_prior`) -> (low-res
+    logits, ``truth`` (1, N, S, S) masks brought to their size), both over the objects the prior asks for (a half
+    or more somewhere): the route decodes nothing else."""
+    device = model.backbone.device
+    prior = prior.to(device)
+    asked = prior.flatten(2).amax(2) >= 0.5
+    low, _ = decode_with_prior(model, f, selected, prior, asked)
+    truth = F.interpolate(truth.to(device), size=low.shape[-2:], mode="area") > 0.5
+    keep = asked[0]
+    return low[:, keep], truth[:, keep].float()
 
 
 @dataclass
@@ -126,8 +138,8 @@ class RegistrationTuned:
 
 
 class RegistrationFineTune:
-    """Train a model's trainable weights (PPG + LoRA) on `RegisteredEpisodes`, AdamW, Dice + cross-entropy on the
-    decoder's low-res logits.
+    """Train a model's trainable weights (PPG + LoRA) on `RegisteredEpisodes` (or `PropagationEpisodes`), AdamW,
+    Dice + cross-entropy on the decoder's low-res logits.
 
     Args:
         episodes: training episodes (each one slice of one study).
